@@ -1,0 +1,444 @@
+"""Run configuration: one typed schema, loaded from YAML, overridden with ``key=value``.
+
+A run config has five sections, each a dataclass below:
+
+- ``preprocess``: the deterministic part of the data pipeline (orientation, spacing,
+  intensity normalisation, foreground crop). Its hash keys the preprocessed cache.
+- ``data``: random crop sampling and loading (crop size, crops per volume, batch, workers,
+  what to do with a bad entry).
+- ``model``: the encoder (``swin`` or ``resnet``) and its pretraining decoder.
+- ``objective``: ``dae`` (disruptive autoencoder) or ``mvm`` (masked volume modeling).
+- ``train``: optimiser, schedule, precision, checkpoints and logging.
+
+Shipped configs live in ``volpre/configs/NAME.yaml``; a YAML file may name ``base: OTHER`` to
+start from another config and change only some keys (the ``*-tiny`` CPU profiles do this).
+Every key is checked: an unknown key or a bad value raises :class:`ConfigError` naming the
+key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or holds a value outside what is allowed."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class PreprocessConfig:
+    """Deterministic, per-volume preprocessing (run once, then cached).
+
+    CT is kept in Hounsfield units up to the crop and windowed after it (so the cache can hold
+    int16 HU); MR is clipped to intensity percentiles and z-scored over the foreground.
+    """
+
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    """Target voxel spacing in mm (RAS axes order)."""
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    """CT HU window: values are clipped to it and scaled linearly to [0, 1]."""
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    """MR intensities are clipped to these percentiles of the foreground, then z-scored."""
+    crop_foreground: bool = True
+    """Crop each volume to the bounding box of its foreground (CT: HU > -500; MR: > 0)."""
+
+    def validate(self) -> None:
+        if any(s <= 0 for s in self.spacing):
+            raise ConfigError(f"preprocess.spacing must be positive millimetres, got {list(self.spacing)}")
+        lo, hi = self.ct_window
+        if not lo < hi:
+            raise ConfigError(f"preprocess.ct_window must be [low, high] with low < high, got {[lo, hi]}")
+        plo, phi = self.mr_percentiles
+        if not 0.0 <= plo < phi <= 100.0:
+            raise ConfigError(
+                f"preprocess.mr_percentiles must satisfy 0 <= low < high <= 100, got {[plo, phi]}"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Random crops and loading."""
+
+    roi: tuple[int, int, int] = (96, 96, 96)
+    """Crop size in voxels (X, Y, Z). Swin encoders need multiples of 32."""
+    crops_per_volume: int = 2
+    """Random crops drawn from each volume each time it is visited."""
+    batch_size: int = 2
+    """Crops per step per process (so the global batch is batch_size * world size)."""
+    num_workers: int = 4
+    """DataLoader worker processes per training process."""
+    on_bad_entry: Literal["skip", "fail"] = "skip"
+    """A volume that fails its checks mid-run: skip it and record it, or stop the run."""
+    cache_dir: str | None = None
+    """Where preprocessed volumes are cached (shared by all workers and ranks of a node);
+    ``None`` means ``<manifest dir>/.volpre_cache``."""
+
+    def validate(self) -> None:
+        if any(r <= 0 for r in self.roi):
+            raise ConfigError(f"data.roi must be positive voxel counts, got {list(self.roi)}")
+        for key in ("crops_per_volume", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class SwinConfig:
+    """SwinViT of MONAI's SwinUNETR (keys identical to ``SwinUNETR(...).swinViT``)."""
+
+    feature_size: int = 48
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    use_v2: bool = True
+    use_checkpoint: bool = False
+    """Gradient checkpointing (saves memory for 96^3+ crops at some speed)."""
+    drop_path_rate: float = 0.0
+
+    def validate(self) -> None:
+        if self.feature_size % 12 != 0:
+            raise ConfigError(f"model.swin.feature_size must be a multiple of 12, got {self.feature_size}")
+        if len(self.depths) != 4 or len(self.num_heads) != 4:
+            raise ConfigError(
+                f"model.swin.depths and model.swin.num_heads need 4 stages each, "
+                f"got {list(self.depths)} and {list(self.num_heads)}"
+            )
+
+
+@dataclass
+class ResNetConfig:
+    """3D ResNet in MONAI's ``ResNetFeatures`` layout (keys of ``FlexibleUNet(...).encoder``)."""
+
+    depth: Literal[10, 18, 34, 50] = 50
+
+
+@dataclass
+class ModelConfig:
+    encoder: Literal["swin", "resnet"] = "swin"
+    in_channels: int = 1
+    """Input channels (1 for CT or a single MR sequence; more for stacked MR sequences)."""
+    decoder_channels: int = 32
+    """Width of the light pretraining decoder's finest stage (dropped at export)."""
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)
+
+    def validate(self) -> None:
+        if self.in_channels < 1:
+            raise ConfigError(f"model.in_channels must be >= 1, got {self.in_channels}")
+
+
+@dataclass
+class DAEConfig:
+    """Disruptive autoencoder: corrupt, then reconstruct the clean crop."""
+
+    disruptions: tuple[Literal["mask", "noise", "downsample", "blur"], ...] = (
+        "mask",
+        "noise",
+        "downsample",
+        "blur",
+    )
+    mask_ratio: float = 0.5
+    """Fraction of voxels covered by masked blocks."""
+    mask_block: int = 16
+    """Edge of a masked cubic block, in voxels."""
+    noise_std: tuple[float, float] = (0.0, 0.1)
+    """Additive Gaussian noise: std drawn uniformly from this range per sample."""
+    downsample_factors: tuple[int, ...] = (2, 4)
+    """Downsample-then-upsample by one of these factors, drawn per sample."""
+    blur_sigma: tuple[float, float] = (0.5, 1.5)
+    """Gaussian blur: sigma in voxels drawn uniformly from this range per sample."""
+    loss: Literal["l1", "l2"] = "l1"
+    contrastive_weight: float = 0.0
+    """Weight of the contrastive term between two disruptions of one crop (0 disables)."""
+    contrastive_pairs: Literal["views", "subject"] = "views"
+    """Positives: two disruptions of the same crop, or crops of two scans of the same subject."""
+    temperature: float = 0.1
+
+    def validate(self) -> None:
+        if not self.disruptions:
+            raise ConfigError("objective.dae.disruptions must name at least one of mask, noise, downsample, blur")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"objective.dae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if any(f not in (2, 4) for f in self.downsample_factors):
+            raise ConfigError(
+                f"objective.dae.downsample_factors allows 2 and 4, got {list(self.downsample_factors)}"
+            )
+        if self.contrastive_weight < 0:
+            raise ConfigError(f"objective.dae.contrastive_weight must be >= 0, got {self.contrastive_weight}")
+
+
+@dataclass
+class MVMConfig:
+    """Masked volume modeling: SimMIM-style for Swin, SparK-style for ResNet."""
+
+    mask_ratio: float = 0.6
+    mask_patch: int = 16
+    """Edge of a masked cubic patch, in voxels (a multiple of the encoder's patch/stride)."""
+    norm_target: bool = False
+    """Normalise each target patch to zero mean, unit variance (as in MAE/SimMIM)."""
+    loss: Literal["l1", "l2"] = "l1"
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mvm.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["dae", "mvm"] = "dae"
+    dae: DAEConfig = field(default_factory=DAEConfig)
+    mvm: MVMConfig = field(default_factory=MVMConfig)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1.5e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 500
+    """Linear warmup, then cosine decay to ``min_lr`` at ``--max-steps``."""
+    grad_accum: int = 1
+    clip_grad_norm: float = 1.0
+    """Max global gradient norm (0 disables); unscaled first under fp16."""
+    amp: Literal["none", "bf16", "fp16"] = "bf16"
+    """Autocast dtype; ``fp16`` adds a GradScaler. On the CPU only ``none``/``bf16`` make sense."""
+    compile: bool = False
+    channels_last: bool = False
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (0 disables; e.g. 0.999)."""
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 200
+    checkpoint_every: int = 500
+    keep_last: int = 3
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr, got {self.lr}, {self.min_lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        for key in ("grad_accum", "log_every", "image_every", "checkpoint_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.warmup_steps < 0 or self.clip_grad_norm < 0:
+            raise ConfigError("train.warmup_steps and train.clip_grad_norm must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        """Check every section, then the rules that span sections."""
+        for section in _walk_sections(self):
+            check = getattr(section, "validate", None)
+            if check is not None and section is not self:
+                check()
+        if any(r % 32 for r in self.data.roi):  # both encoders downsample 5 times by 2
+            raise ConfigError(
+                f"data.roi must be multiples of 32 for the {self.model.encoder} encoder, got {list(self.data.roi)}"
+            )
+        if self.objective.name == "mvm":
+            patch = self.objective.mvm.mask_patch
+            if patch % 32 and self.model.encoder == "resnet":
+                raise ConfigError(
+                    f"objective.mvm.mask_patch must be a multiple of 32 (the ResNet's total stride), got {patch}"
+                )
+            if patch % 2 and self.model.encoder == "swin":
+                raise ConfigError(f"objective.mvm.mask_patch must be a multiple of 2 (Swin patch size), got {patch}")
+            if any(r % patch for r in self.data.roi):
+                raise ConfigError(
+                    f"data.roi {list(self.data.roi)} must be divisible by objective.mvm.mask_patch {patch}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _walk_sections(obj: Any):
+    yield obj
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _walk_sections(value)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (tuple,):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_describe(args[0])})"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp``, or raise ConfigError naming ``key`` and what is allowed."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: got {value!r}, expected {_describe(tp)}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[allowed.index(value)]):
+            return value
+        raise bad
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, key + ".")
+    raise TypeError(f"config field {key} has unsupported type {tp}")  # a bug in this module
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; allowed keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}"
+        )
+    kwargs = {name: _coerce(prefix + name, values[name], hints[name]) for name in names if name in values}
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in ``volpre/configs``."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"config {name_or_path!r} not found: give a YAML file path or one of {', '.join(shipped_configs())}"
+        )
+    if str(path.resolve()) in seen:
+        raise ConfigError(f"config {path} names itself as a base (cycle: {' -> '.join(seen)})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_ref = str(path.parent / base) if Path(base).suffix else base
+    return _deep_merge(_read_yaml(base_ref, seen + (str(path.resolve()),)), raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into the key path and its YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a (partial) nested dict."""
+    config = _build(RunConfig, values)
+    config.validate()
+    return config
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a shipped config by name (``swin-dae-tiny``) or a YAML path, apply overrides, validate."""
+    values = _read_yaml(name_or_path)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for part in keys[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(values)
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config section (used to key caches)."""
+    payload = json.dumps(dataclasses.asdict(section), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
