@@ -8,8 +8,89 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from volpre import __version__
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from volpre.data.index import index_paths
+
+    summary = index_paths(args.paths, args.out, modality=args.modality, progress=not args.quiet)
+    print(summary.describe())
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from volpre.data.check import check_entries
+    from volpre.data.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    entries = manifest.entries if args.split is None else manifest.by_split(args.split)
+    bar = tqdm(total=len(entries), unit="entry", disable=args.quiet or not sys.stderr.isatty(), file=sys.stderr)
+    report = check_entries(entries, on_problem=lambda p: print(p.line(), flush=True), on_entry=bar.update)
+    bar.close()
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from volpre.data.synthetic import write_demo_data
+
+    manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed)
+    print(f"wrote demo data for {args.subjects} subjects; manifest: {manifest}")
+    return 0
+
+
+def _cmd_manifest_from_decathlon(args: argparse.Namespace) -> int:
+    from volpre.data.manifest import from_decathlon, save_manifest
+
+    manifest = from_decathlon(args.datalist, base_dir=args.base_dir, modality=args.modality)
+    save_manifest(manifest, args.out)
+    print(f"wrote {len(manifest.entries)} entries to {args.out}")
+    return 0
+
+
+def _cmd_manifest_to_decathlon(args: argparse.Namespace) -> int:
+    from volpre.data.manifest import load_manifest, to_decathlon
+
+    to_decathlon(load_manifest(args.manifest), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from volpre.config import load_config
+    from volpre.engine.trainer import pretrain
+
+    if args.config is None and not args.resume:
+        raise UserError("--config is required (a shipped config name or a YAML path) unless --resume")
+    cfg = load_config(args.config, args.overrides) if args.config is not None else None
+    if cfg is None and args.overrides:
+        raise UserError("key=value overrides need --config (with --resume, give the run's config too)")
+    splits = tuple(args.splits.split(",")) if args.splits else None
+    result = pretrain(cfg, Path(args.manifest), Path(args.output), max_steps=args.max_steps,
+                      resume=args.resume, device=args.device, splits=splits)
+    if result.checkpoint is not None:
+        print(f"step {result.final_step}: checkpoint {result.checkpoint}")
+    if result.bad_entries:
+        print(f"{len(result.bad_entries)} bad entries were skipped; see {Path(args.output) / 'bad_entries.jsonl'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,13 +101,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"volpre {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    p = sub.add_parser("index", help="walk folders and write a manifest (one entry per volume or DICOM series)",
+                       description="Walk folders of NIfTI/NRRD/MetaImage files and DICOM studies; write a manifest "
+                       "with one entry per volume file or DICOM series (shape and spacing from headers; no pixel "
+                       "reads for DICOM) and the files it could not use, with reasons.")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="folders or files to index")
+    p.add_argument("--out", required=True, type=Path, help="manifest to write (JSON)")
+    p.add_argument("--modality", help="modality for non-DICOM files (CT, MR, ...); DICOM series use their header")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_index)
+
+    p = sub.add_parser("check", help="open every manifest entry and report problems (exit 1 if any)",
+                       description="Read every image and label of a manifest with all checks; print one line per "
+                       "problem (entry id, file, cause), then a summary. Exit status 0 if all entries are good, "
+                       "1 if any has a problem.")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--split", help="check only entries of this split")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_check)
+
+    p = sub.add_parser("demo-data", help="write the small deterministic demo dataset and its manifest",
+                       description="Write synthetic CT torso and MR head phantoms (NIfTI, NRRD, MetaImage and DICOM "
+                       "series), labels and survival outcomes, with OUT/manifest.json.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_cmd_demo_data)
+
+    p = sub.add_parser("manifest", help="convert manifests to and from MONAI decathlon datalists")
+    msub = p.add_subparsers(dest="manifest_command", metavar="ACTION")
+    msub.required = True
+    q = msub.add_parser("from-decathlon", help="decathlon datalist -> volpre manifest")
+    q.add_argument("datalist", type=Path)
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--base-dir", type=Path, help="folder the datalist's paths are relative to (default: its own)")
+    q.add_argument("--modality", help="modality of every entry (CT, MR, ...)")
+    q.set_defaults(run=_cmd_manifest_from_decathlon)
+    q = msub.add_parser("to-decathlon", help="volpre manifest -> decathlon datalist (train/val/test splits)")
+    q.add_argument("manifest", type=Path)
+    q.add_argument("--out", required=True, type=Path)
+    q.set_defaults(run=_cmd_manifest_to_decathlon)
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder (one process, or many under torchrun)",
+                       description="Pretrain an encoder on a manifest's volumes. Writes OUTPUT/metrics.jsonl, "
+                       "OUTPUT/checkpoints/ (last.pt, best.pt, step_*.pt) and TensorBoard events under "
+                       "OUTPUT/tensorboard. The same command runs under torchrun for DDP.")
+    p.add_argument("--config", help="shipped config name (e.g. swin-dae, resnet-mvm-tiny) or a YAML path")
+    p.add_argument("--manifest", required=True, type=Path)
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--max-steps", type=int, help="stop after this optimiser step (default: train.total_steps); "
+                   "the schedule always spans train.total_steps, so a stopped run resumes exactly")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from checkpoints/last.pt")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--splits", help="comma-separated manifest splits to pretrain on (default: every entry)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    p.set_defaults(run=_cmd_pretrain)
     return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: reported in one line, without a traceback."""
+    from volpre.config import ConfigError
+    from volpre.data.errors import VolumeError
+    from volpre.data.manifest import ManifestError
+
+    types: list[type[BaseException]] = [UserError, ConfigError, ManifestError, VolumeError, FileNotFoundError]
+    if "volpre.engine.checkpoint" in sys.modules:  # imported by the commands that can raise it
+        types.append(sys.modules["volpre.engine.checkpoint"].CheckpointError)
+    return tuple(types)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except Exception as error:
+        if not isinstance(error, _user_error_types()):
+            raise
+        print(f"volpre {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 # ----------------------------------------------------------------------------- writing
 
 
-def _relative(path: Path, base_dir: Path | None) -> str:
+def relative_path(path: Path, base_dir: Path | None) -> str:
+    """``path`` as written in a manifest in ``base_dir`` (POSIX, relative; absolute if no base)."""
     if base_dir is None:
         return str(path)
     try:
@@ -192,14 +193,14 @@ def _relative(path: Path, base_dir: Path | None) -> str:
 
 
 def _entry_to_json(entry: ManifestEntry, base_dir: Path | None) -> dict[str, Any]:
-    images = [_relative(p, base_dir) for p in entry.image]
+    images = [relative_path(p, base_dir) for p in entry.image]
     out: dict[str, Any] = {"image": images[0] if len(images) == 1 else images, "id": entry.id}
     for key in ("subject", "modality", "time", "event", "covariates", "split", "series_uid"):
         value = getattr(entry, key)
         if value is not None:
             out[key] = value
     if entry.label is not None:
-        out["label"] = _relative(entry.label, base_dir)
+        out["label"] = relative_path(entry.label, base_dir)
     if entry.shape is not None:
         out["shape"] = [int(s) for s in entry.shape]
     if entry.spacing is not None:
@@ -246,7 +247,7 @@ class ManifestWriter:
         self.n_entries += 1
 
     def reject(self, path: str | os.PathLike, reason: str) -> None:
-        self.rejected.append(RejectedFile(_relative(Path(path), self.base_dir), reason))
+        self.rejected.append(RejectedFile(relative_path(Path(path), self.base_dir), reason))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -308,7 +309,7 @@ def from_decathlon(datalist_path: str | os.PathLike, base_dir: str | os.PathLike
         for item in items:
             images = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
             image = tuple(Path(p) for p in images)
-            entry_id = item.get("id") or _relative(image[0], id_base.resolve())
+            entry_id = item.get("id") or relative_path(image[0], id_base.resolve())
             entries.append(
                 ManifestEntry(
                     image=image,
@@ -336,10 +337,10 @@ def to_decathlon(manifest: Manifest, path: str | os.PathLike) -> Path:
         key = target.get(entry.split)
         if key is None:
             continue
-        images = [_relative(p, base_dir) for p in entry.image]
+        images = [relative_path(p, base_dir) for p in entry.image]
         item: dict[str, Any] = {"image": images[0] if len(images) == 1 else images}
         if entry.label is not None:
-            item["label"] = _relative(entry.label, base_dir)
+            item["label"] = relative_path(entry.label, base_dir)
         out[key].append(item)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
