@@ -1,0 +1,224 @@
+"""Pretraining data: manifest entries -> endless, resumable, sharded stream of random crops.
+
+- :class:`VolumeGroups` lists what one dataset item draws from: one entry, or (for the
+  multi-instance contrastive objective) all scans of one subject.
+- :class:`PretrainDataset` turns an item into ``crops_per_volume`` random crops. Its randomness
+  is a pure function of ``(seed, epoch, item)``, never of worker state, so a run resumed at any
+  step sees exactly the crops the uninterrupted run saw. A volume that fails its checks is
+  recorded and replaced by the next item (``on_bad_entry: skip``) or stops the run (``fail``).
+- :class:`InfiniteShardSampler` yields ``(epoch, item)`` forever: a fresh permutation per epoch,
+  one disjoint shard per rank, resumable from any position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from monai.transforms import Compose
+
+from volpre.config import DataConfig, PreprocessConfig
+from volpre.data.errors import VolumeError
+from volpre.data.manifest import ManifestEntry
+from volpre.data.transforms import check_modality, crop_transforms, preprocess_transforms
+
+log = logging.getLogger(__name__)
+
+VolumeSource = Callable[[ManifestEntry], dict]
+"""Gives the deterministic stage's output for an entry: ``{"image": (C, X, Y, Z) float32, ...}``."""
+
+
+class PreprocessOnTheFly:
+    """A :data:`VolumeSource` that runs :func:`preprocess_transforms` on every call (no cache)."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        self.cfg = cfg
+        self._presets: dict[str, Compose] = {}
+
+    def __call__(self, entry: ManifestEntry) -> dict:
+        modality = check_modality(entry.modality, entry.id)
+        if modality not in self._presets:
+            self._presets[modality] = preprocess_transforms(self.cfg, modality)
+        record = entry.to_record()
+        record.pop("label", None)  # pretraining reads images only
+        return self._presets[modality](record)
+
+
+@dataclass(frozen=True)
+class VolumeGroups:
+    """Dataset items: each a tuple of entries the item's crops are drawn from, and a subject index."""
+
+    groups: tuple[tuple[ManifestEntry, ...], ...]
+    subject_index: tuple[int, ...]
+
+    @classmethod
+    def build(cls, entries: Sequence[ManifestEntry], by_subject: bool) -> "VolumeGroups":
+        """One item per entry, or one item per subject holding all of that subject's scans."""
+        subjects: dict[str, list[ManifestEntry]] = defaultdict(list)
+        for entry in entries:
+            subjects[entry.subject_or_id].append(entry)
+        subject_ids = {name: i for i, name in enumerate(sorted(subjects))}
+        if by_subject:
+            names = sorted(subjects)
+            return cls(tuple(tuple(subjects[n]) for n in names), tuple(subject_ids[n] for n in names))
+        return cls(tuple((e,) for e in entries), tuple(subject_ids[e.subject_or_id] for e in entries))
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+
+def item_seed(seed: int, epoch: int, item: int) -> int:
+    """The seed of one item's random crops: a pure function of (run seed, epoch, item)."""
+    return int(np.random.SeedSequence([seed, epoch, item]).generate_state(1)[0])
+
+
+class BadEntryLog:
+    """Appends one JSON line per bad entry to a file shared by all workers and ranks.
+
+    Each record is written with a single ``write`` on a file opened with ``O_APPEND``, so lines
+    from concurrent processes never interleave.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def record(self, entry: ManifestEntry, error: BaseException) -> None:
+        volume_error = find_volume_error(error)
+        kind = volume_error.kind if volume_error is not None else "error"
+        reason = str(volume_error) if volume_error is not None else f"{type(error).__name__}: {error}"
+        log.warning("skipping entry %s (%s): %s", entry.id, entry.image[0], reason)
+        if self.path is None:
+            return
+        line = json.dumps({"id": entry.id, "image": str(entry.image[0]), "kind": kind, "reason": reason}) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def read(self) -> list[dict]:
+        if self.path is None or not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def find_volume_error(error: BaseException) -> VolumeError | None:
+    """The VolumeError in an exception chain (MONAI wraps transform errors in RuntimeError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, VolumeError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """``dataset[(epoch, item)]`` -> list of ``crops_per_volume`` crop dicts.
+
+    Each crop: ``image`` float32 tensor ``(C, *roi)`` (CT in [0, 1], MR z-scored) and
+    ``subject`` int64 scalar tensor (index of the item's subject, for the multi-instance
+    contrastive objective). When an item's group holds several scans (by-subject items), its crops
+    cycle over the scans, starting at a random one.
+    """
+
+    def __init__(
+        self,
+        groups: VolumeGroups,
+        preprocess: PreprocessConfig,
+        data: DataConfig,
+        seed: int,
+        source: VolumeSource | None = None,
+        bad_entries: BadEntryLog | None = None,
+    ):
+        if len(groups) == 0:
+            raise ValueError("no entries to pretrain on: the manifest (or its selected split) is empty")
+        self.groups, self.preprocess, self.data, self.seed = groups, preprocess, data, seed
+        self.source = source if source is not None else PreprocessOnTheFly(preprocess)
+        self.bad_entries = bad_entries if bad_entries is not None else BadEntryLog(None)
+        self._crops: dict[str, Compose] = {}
+        self._known_bad: set[str] = set()  # per process: entries that already failed here
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, key: tuple[int, int]) -> list[dict]:
+        epoch, item = key
+        for attempt in range(len(self.groups)):
+            index = (item + attempt) % len(self.groups)
+            crops = self._try_item(epoch, index)
+            if crops is not None:
+                return crops
+        raise RuntimeError(f"every one of the {len(self.groups)} dataset items failed its checks; see the log above")
+
+    def _try_item(self, epoch: int, index: int) -> list[dict] | None:
+        rng = np.random.default_rng(item_seed(self.seed, epoch, index))
+        group = [e for e in self.groups.groups[index] if e.id not in self._known_bad]
+        if not group:
+            return None
+        first = int(rng.integers(len(group)))
+        order = [group[(first + k) % len(group)] for k in range(min(len(group), self.data.crops_per_volume))]
+        per_entry = [self.data.crops_per_volume // len(order) + (k < self.data.crops_per_volume % len(order))
+                     for k in range(len(order))]
+        crops: list[dict] = []
+        for entry, count in zip(order, per_entry):
+            try:
+                volume = self.source(entry)
+                crops.extend(self._crop(entry, volume, count, int(rng.integers(2**31))))
+            except Exception as error:  # noqa: BLE001 - every failure of one entry is recorded, not fatal
+                if self.data.on_bad_entry == "fail":
+                    volume_error = find_volume_error(error)
+                    if volume_error is not None:
+                        raise volume_error from error
+                    raise
+                self._known_bad.add(entry.id)
+                self.bad_entries.record(entry, error)
+                return None
+        subject = torch.tensor(self.groups.subject_index[index], dtype=torch.int64)
+        return [{"image": c, "subject": subject} for c in crops]
+
+    def _crop(self, entry: ManifestEntry, volume: dict, count: int, seed: int) -> list[torch.Tensor]:
+        modality = check_modality(entry.modality, entry.id)
+        if modality not in self._crops:
+            self._crops[modality] = crop_transforms(self.preprocess, self.data, modality)
+        transform = self._crops[modality]
+        transform.set_random_state(seed=seed)
+        samples = transform({"image": volume["image"]})
+        images = [torch.as_tensor(s["image"]).float().contiguous() for s in samples[:count]]
+        for image in images:
+            if not torch.isfinite(image).all():
+                raise VolumeError(str(entry.image[0]), "non-finite", "preprocessed crop holds NaN/Inf values")
+        return images
+
+
+class InfiniteShardSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, item)`` forever: each epoch a new permutation, rank ``r`` of ``world``
+    taking positions ``r, r + world, ...`` (the tail that does not divide evenly is dropped, so
+    every rank sees the same number of items per epoch and shards are disjoint).
+
+    ``start`` is how many items this rank has already consumed; iteration resumes there.
+    """
+
+    def __init__(self, n_items: int, seed: int, rank: int = 0, world: int = 1, start: int = 0):
+        if n_items < world:
+            raise ValueError(f"{n_items} dataset items cannot be sharded over {world} processes")
+        self.n_items, self.seed, self.rank, self.world, self.start = n_items, seed, rank, world, start
+        self.per_rank = n_items // world
+
+    def epoch_items(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        order = torch.randperm(self.n_items, generator=generator)[: self.per_rank * self.world]
+        return order[self.rank :: self.world].tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.per_rank)
+        while True:
+            for item in self.epoch_items(epoch)[offset:]:
+                yield epoch, item
+            epoch, offset = epoch + 1, 0
