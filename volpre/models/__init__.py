@@ -1,0 +1,19 @@
+"""Encoders (a registry named by ``model.encoder``) and the light pretraining decoder."""
+
+from volpre.models.contract import FEATURE_STRIDES, check_encoder_input
+from volpre.models.decoder import UNetDecoder
+from volpre.models.registry import ENCODERS, build_decoder, build_encoder
+from volpre.models.resnet import RESNET_DEPTHS, ResNet3DEncoder
+from volpre.models.swin import SwinEncoder
+
+__all__ = [
+    "ENCODERS",
+    "FEATURE_STRIDES",
+    "RESNET_DEPTHS",
+    "ResNet3DEncoder",
+    "SwinEncoder",
+    "UNetDecoder",
+    "build_decoder",
+    "build_encoder",
+    "check_encoder_input",
+]

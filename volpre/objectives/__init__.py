@@ -1,0 +1,16 @@
+"""Pretraining objectives: disruptive autoencoder (``dae``) and masked volume modeling (``mvm``)."""
+
+from volpre.objectives.base import ObjectiveOutput, Pretrainer
+from volpre.objectives.dae import DAEPretrainer
+from volpre.objectives.factory import MVM_VARIANTS, build_pretrainer
+from volpre.objectives.mvm import SimMIMPretrainer, SparKPretrainer
+
+__all__ = [
+    "MVM_VARIANTS",
+    "DAEPretrainer",
+    "ObjectiveOutput",
+    "Pretrainer",
+    "SimMIMPretrainer",
+    "SparKPretrainer",
+    "build_pretrainer",
+]

@@ -1,0 +1,542 @@
+"""Masks, disruptions, losses, SparK sparse execution and the two objectives (DAE, MVM)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import ContrastiveLoss
+from monai.networks.layers import gaussian_1d, separable_filtering
+from monai.networks.nets import SwinUNETR
+
+from volpre.config import ConfigError, config_from_dict
+from volpre.models import FEATURE_STRIDES, ResNet3DEncoder
+from volpre.objectives import (
+    DAEPretrainer,
+    ObjectiveOutput,
+    SimMIMPretrainer,
+    SparKPretrainer,
+    build_pretrainer,
+)
+from volpre.objectives.losses import multi_positive_info_nce, normalize_patches, reconstruction_loss
+from volpre.objectives.masking import expand_mask, mask_grid_shape, random_grid_mask
+from volpre.objectives.perturbations import (
+    down_up_sample,
+    gaussian_blur,
+    random_down_up_sample,
+    random_gaussian_blur,
+    random_gaussian_noise,
+)
+from volpre.objectives.sparse_resnet import masked_batch_norm, sparse_resnet_features
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _volume(batch: int = 2, channels: int = 1, shape=(32, 32, 32), seed: int = 0) -> torch.Tensor:
+    """Smooth-ish positive test volumes in [0, 1]."""
+    x = torch.rand(batch, channels, *(s // 4 for s in shape), generator=_gen(seed))
+    return F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+
+
+COMBINATIONS = [
+    ("swin", "dae", (32, 32, 32)),
+    ("swin", "mvm", (32, 32, 32)),
+    ("resnet", "dae", (32, 32, 32)),
+    ("resnet", "mvm", (64, 32, 32)),  # SparK cells are 32^3: two of them, one masked
+]
+
+
+def _run_cfg(encoder: str, objective: str, roi=(32, 32, 32), dae=None, mvm=None, in_channels: int = 1):
+    return config_from_dict(
+        {
+            "data": {"roi": list(roi)},
+            "model": {
+                "encoder": encoder,
+                "in_channels": in_channels,
+                "decoder_channels": 8,
+                "swin": {"feature_size": 12, "window_size": 4},
+                "resnet": {"depth": 10},
+            },
+            "objective": {
+                "name": objective,
+                "dae": dae or {},
+                "mvm": mvm or {"mask_patch": 16 if encoder == "swin" else 32},
+            },
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def test_grid_mask_masks_exactly_round_ratio_cells_per_sample():
+    mask = random_grid_mask(8, (4, 4, 4), 0.6, _gen())
+    assert mask.shape == (8, 1, 4, 4, 4) and mask.dtype == torch.bool and mask.device.type == "cpu"
+    assert mask.flatten(1).sum(dim=1).tolist() == [round(0.6 * 64)] * 8
+    assert not torch.equal(mask[0], mask[1])  # samples draw independently
+
+
+def test_expanded_mask_has_block_structure_and_voxel_ratio():
+    grid = mask_grid_shape((64, 32, 32), 16, 0.5)
+    assert grid == (4, 2, 2)
+    mask = expand_mask(random_grid_mask(4, grid, 0.5, _gen()), (64, 32, 32))
+    assert mask.shape == (4, 1, 64, 32, 32)
+    assert mask.float().mean(dim=(1, 2, 3, 4)).tolist() == [0.5] * 4
+    blocks = mask.reshape(4, 1, 4, 16, 2, 16, 2, 16)
+    assert torch.equal(blocks.amax(dim=(3, 5, 7)), blocks.amin(dim=(3, 5, 7)))  # constant within each block
+
+
+def test_grid_mask_ratio_is_near_target_on_a_large_grid():
+    mask = random_grid_mask(4, (6, 6, 6), 0.37, _gen())
+    assert abs(mask.float().mean().item() - 0.37) < 1 / 216
+
+
+def test_same_seed_same_mask_different_seed_different_mask():
+    a = random_grid_mask(2, (4, 4, 4), 0.5, _gen(1))
+    b = random_grid_mask(2, (4, 4, 4), 0.5, _gen(1))
+    c = random_grid_mask(2, (4, 4, 4), 0.5, _gen(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_mask_grid_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match=r"crop \(40, 32, 32\) is not divisible by the mask cell edge 16"):
+        mask_grid_shape((40, 32, 32), 16, 0.5)
+    with pytest.raises(ValueError, match=r"masks 1 of them; need at least one masked and one visible"):
+        mask_grid_shape((32, 32, 32), 32, 0.6)
+    with pytest.raises(ValueError, match=r"masks 0 of them"):
+        random_grid_mask(1, (2, 2, 2), 0.05, _gen())
+
+
+def test_expand_mask_rejects_non_integer_factor():
+    with pytest.raises(ValueError, match=r"cannot expand a mask grid \(2, 2, 2\) to spatial shape \(5, 4, 4\)"):
+        expand_mask(torch.ones(1, 1, 2, 2, 2, dtype=torch.bool), (5, 4, 4))
+
+
+# ----------------------------------------------------------------------------- perturbations
+
+
+def test_blur_matches_monai_separable_gaussian_per_sample():
+    x = torch.rand(3, 2, 32, 24, 16, generator=_gen())
+    sigma = torch.tensor([0.4, 1.0, 1.7])
+    blurred = gaussian_blur(x, sigma, max_sigma=1.7)
+    for b in range(3):
+        kernel = gaussian_1d(sigma[b], truncated=4.0, approx="sampled", normalize=True)
+        reference = separable_filtering(x[b : b + 1], kernel, mode="replicate")
+        torch.testing.assert_close(blurred[b : b + 1], reference, rtol=1e-5, atol=1e-6)
+
+
+def test_random_disruptions_keep_shape_dtype_device_and_draw_in_range():
+    x = _volume(4, 2)
+    lo, hi = x.min(), x.max()
+    blurred, sigma = random_gaussian_blur(x, (0.5, 1.5), _gen())
+    low_res, factor = random_down_up_sample(x, (2, 4), _gen())
+    noisy, std = random_gaussian_noise(x, (0.0, 0.1), _gen())
+    for out in (blurred, low_res, noisy):
+        assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+        assert torch.isfinite(out).all()
+    # blur and down-up sampling are convex combinations of input voxels
+    for out in (blurred, low_res):
+        assert out.min() >= lo - 1e-6 and out.max() <= hi + 1e-6
+    assert ((sigma >= 0.5) & (sigma <= 1.5)).all() and sigma.shape == (4,)
+    assert set(factor.tolist()) <= {2, 4} and factor.dtype == torch.long
+    assert ((std >= 0.0) & (std <= 0.1)).all()
+
+
+def test_noise_has_the_drawn_std_per_sample():
+    x = torch.zeros(4, 1, 32, 32, 32)
+    noisy, std = random_gaussian_noise(x, (0.05, 0.5), _gen())
+    measured = noisy.flatten(1).std(dim=1)
+    torch.testing.assert_close(measured, std, rtol=0.03, atol=0.0)
+    assert noisy.flatten(1).mean(dim=1).abs().max() < 0.02
+
+
+def test_down_up_sample_reproduces_a_linear_ramp_in_the_interior():
+    ramp = torch.arange(32, dtype=torch.float32).view(1, 1, 32, 1, 1).expand(2, 1, 32, 32, 32).contiguous()
+    out = down_up_sample(ramp, torch.tensor([2, 4]), (2, 4))
+    torch.testing.assert_close(out[0, :, 1:-1], ramp[0, :, 1:-1])  # interior of factor 2 (edges clamp)
+    torch.testing.assert_close(out[1, :, 2:-2], ramp[1, :, 2:-2])
+    assert not torch.allclose(out[1, :, :2], ramp[1, :, :2])  # factor 4 loses the edge
+
+
+def test_down_up_sample_picks_each_samples_factor():
+    x = torch.rand(3, 1, 32, 32, 32, generator=_gen())
+    out = down_up_sample(x, torch.tensor([4, 2, 4]), (2, 4))
+    only2 = down_up_sample(x, torch.tensor([2, 2, 2]), (2,))
+    only4 = down_up_sample(x, torch.tensor([4, 4, 4]), (4,))
+    torch.testing.assert_close(out[[0, 2]], only4[[0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(out[1], only2[1], rtol=0, atol=0)
+
+
+def test_down_up_sample_rejects_indivisible_size():
+    with pytest.raises(ValueError, match=r"spatial size \(30, 32, 32\) must be divisible by every downsample factor"):
+        down_up_sample(torch.zeros(1, 1, 30, 32, 32), torch.tensor([4]), (2, 4))
+
+
+def test_disruptions_reproducible_from_generator():
+    x = _volume(2)
+    draws = ((random_gaussian_noise, (0.0, 0.1)), (random_gaussian_blur, (0.5, 1.5)), (random_down_up_sample, (2, 4)))
+    for fn, arg in draws:
+        a, pa = fn(x, arg, _gen(5))
+        b, pb = fn(x, arg, _gen(5))
+        assert torch.equal(a, b) and torch.equal(pa, pb)
+    a, _ = random_gaussian_noise(x, (0.0, 0.1), _gen(5))
+    c, _ = random_gaussian_noise(x, (0.0, 0.1), _gen(6))
+    assert not torch.equal(a, c)
+
+
+def test_disruption_rejects_generator_on_another_device():
+    x = torch.empty(1, 1, 32, 32, 32, device="meta")
+    with pytest.raises(ValueError, match=r"generator is on cpu but the images are on meta"):
+        random_gaussian_noise(x, (0.0, 0.1), _gen())
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_masked_reconstruction_loss_ignores_voxels_outside_the_mask():
+    prediction = torch.rand(2, 2, 16, 16, 16, generator=_gen(1))
+    target = torch.rand(2, 2, 16, 16, 16, generator=_gen(2))
+    mask = expand_mask(random_grid_mask(2, (4, 4, 4), 0.5, _gen()), (16, 16, 16))
+    for kind in ("l1", "l2"):
+        loss = reconstruction_loss(prediction, target, kind, mask)
+        changed = torch.where(mask, prediction, prediction + 10.0)
+        assert torch.equal(loss, reconstruction_loss(changed, target, kind, mask))
+        error = (prediction - target).abs() if kind == "l1" else (prediction - target).square()
+        reference = error[mask.expand_as(error)].mean()
+        torch.testing.assert_close(loss, reference)
+    unmasked = reconstruction_loss(prediction, target, "l1")
+    torch.testing.assert_close(unmasked, (prediction - target).abs().mean())
+
+
+def test_normalize_patches_matches_per_patch_reference():
+    x = torch.rand(1, 2, 8, 8, 16, generator=_gen()) * 5 + 3
+    normalized, mean, std = normalize_patches(x, 4)
+    torch.testing.assert_close(normalized * std + mean, x)
+    patch = x[0, 1, 4:8, 0:4, 12:16]
+    expected = (patch - patch.mean()) / (patch.var(unbiased=False) + 1e-6).sqrt()
+    torch.testing.assert_close(normalized[0, 1, 4:8, 0:4, 12:16], expected)
+
+
+def test_info_nce_with_two_views_equals_monai_contrastive_loss():
+    a, b = torch.randn(5, 16, generator=_gen(1)), torch.randn(5, 16, generator=_gen(2))
+    ours = multi_positive_info_nce(torch.cat([a, b]), torch.arange(5).repeat(2), temperature=0.2)
+    torch.testing.assert_close(ours, ContrastiveLoss(temperature=0.2)(a, b))
+
+
+def test_multi_positive_info_nce_matches_a_loop_reference():
+    z = torch.randn(6, 8, generator=_gen())
+    groups = torch.tensor([0, 0, 0, 1, 2, 2])  # sample 3 has no positive and is left out
+    loss = multi_positive_info_nce(z, groups, 0.5)
+    zn = F.normalize(z, dim=1)
+    terms = []
+    for i in range(6):
+        others = [a for a in range(6) if a != i]
+        positives = [p for p in others if groups[p] == groups[i]]
+        if not positives:
+            continue
+        log_denominator = torch.logsumexp(torch.stack([zn[i] @ zn[a] / 0.5 for a in others]), dim=0)
+        terms.append(-torch.stack([zn[i] @ zn[p] / 0.5 - log_denominator for p in positives]).mean())
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_info_nce_without_any_positive_is_zero_with_finite_gradient(n):
+    z = torch.randn(n, 8, generator=_gen(), requires_grad=True)
+    loss = multi_positive_info_nce(z, torch.arange(n), 0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
+
+
+# ----------------------------------------------------------------------------- SparK sparse ResNet
+
+
+def _visible_grid(batch: int, grid, seed: int = 0) -> torch.Tensor:
+    return ~random_grid_mask(batch, grid, 0.5, _gen(seed))
+
+
+def test_masked_batch_norm_matches_batchnorm_on_visible_voxels():
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm3d(4, momentum=0.3)
+    torch.nn.init.uniform_(norm.weight)
+    torch.nn.init.uniform_(norm.bias)
+    x = torch.randn(2, 4, 8, 8, 8, generator=_gen()) * 3 + 1
+    visible = expand_mask(_visible_grid(2, (2, 2, 2)), (8, 8, 8))
+    reference = copy.deepcopy(norm)
+    out = masked_batch_norm(x, visible, norm)
+    rows = x.permute(0, 2, 3, 4, 1)[visible[:, 0]]  # (visible voxels, C)
+    expected = F.batch_norm(
+        rows, reference.running_mean, reference.running_var, reference.weight, reference.bias, True, 0.3, reference.eps
+    )
+    torch.testing.assert_close(out.permute(0, 2, 3, 4, 1)[visible[:, 0]], expected)
+    assert (out.permute(0, 2, 3, 4, 1)[~visible[:, 0]] == 0).all()
+    torch.testing.assert_close(norm.running_mean, reference.running_mean)
+    torch.testing.assert_close(norm.running_var, reference.running_var)
+    assert norm.num_batches_tracked.item() == 1
+    norm.eval()
+    evaluated = masked_batch_norm(x, visible, norm)
+    expected_eval = F.batch_norm(
+        rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
+    )
+    torch.testing.assert_close(evaluated.permute(0, 2, 3, 4, 1)[visible[:, 0]], expected_eval)
+
+
+@pytest.mark.parametrize("depth", [10, 18, 50])
+def test_sparse_resnet_keeps_masked_regions_zero_at_every_layer(depth):
+    torch.manual_seed(0)
+    encoder = ResNet3DEncoder(depth, in_channels=1)
+    visible_grid = _visible_grid(2, (2, 2, 2))
+    seen = []
+
+    def check_input_is_zero_where_masked(module, args):
+        (x,) = args
+        masked = ~expand_mask(visible_grid, x.shape[2:]).expand_as(x)
+        seen.append(bool((x[masked] == 0).all()))
+
+    convs = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    hooks = [conv.register_forward_pre_hook(check_input_is_zero_where_masked) for conv in convs]
+    features = sparse_resnet_features(encoder, _volume(2, 1, (64, 64, 64)), visible_grid)
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(convs) and all(seen)
+    for feature, stride in zip(features, FEATURE_STRIDES):
+        masked = ~expand_mask(visible_grid, feature.shape[2:]).expand_as(feature)
+        assert feature.shape[2:] == (64 // stride,) * 3
+        assert (feature[masked] == 0).all() and feature[~masked].abs().sum() > 0
+
+
+def test_sparse_resnet_features_do_not_depend_on_masked_voxels():
+    torch.manual_seed(0)
+    encoder = ResNet3DEncoder(10, in_channels=1).eval()
+    visible_grid = _visible_grid(2, (2, 2, 2))
+    x = _volume(2, 1, (64, 64, 64))
+    hidden = ~expand_mask(visible_grid, x.shape[2:])
+    changed = torch.where(hidden, torch.randn_like(x) * 100, x)
+    original = sparse_resnet_features(encoder, x, visible_grid)
+    for a, b in zip(original, sparse_resnet_features(encoder, changed, visible_grid)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_sparse_resnet_with_nothing_masked_equals_dense_forward(train):
+    torch.manual_seed(0)
+    dense = ResNet3DEncoder(10, in_channels=2).train(train)
+    sparse = copy.deepcopy(dense)
+    x = torch.randn(2, 2, 64, 64, 64, generator=_gen())
+    everything = torch.ones(2, 1, 2, 2, 2, dtype=torch.bool)
+    for a, b in zip(dense(x), sparse_resnet_features(sparse, x, everything)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for (name, a), b in zip(dense.state_dict().items(), sparse.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sparse_resnet_rejects_mask_cells_finer_than_total_stride():
+    encoder = ResNet3DEncoder(10, in_channels=1)
+    with pytest.raises(ValueError, match=r"each mask cell must cover a multiple of 32 voxels"):
+        sparse_resnet_features(encoder, _volume(1, 1, (64, 64, 64)), torch.ones(1, 1, 4, 4, 4, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def _check_output(out: ObjectiveOutput, image: torch.Tensor, part_names: set[str]) -> None:
+    assert out.loss.ndim == 0 and out.loss.requires_grad and torch.isfinite(out.loss)
+    assert set(out.parts) == part_names
+    for value in out.parts.values():
+        assert value.ndim == 0 and not value.requires_grad and torch.isfinite(value)
+    assert set(out.images) == {"input", "corrupted", "reconstruction"}
+    for value in out.images.values():
+        assert value.shape == image.shape and not value.requires_grad and value.device == image.device
+
+
+@pytest.mark.parametrize("encoder", ["swin", "resnet"])
+def test_build_pretrainer_picks_the_variant_and_keeps_export_keys_exact(encoder):
+    mvm = build_pretrainer(_run_cfg(encoder, "mvm", roi=(64, 64, 64)))
+    dae = build_pretrainer(_run_cfg(encoder, "dae"))
+    assert isinstance(mvm, SimMIMPretrainer if encoder == "swin" else SparKPretrainer)
+    assert isinstance(dae, DAEPretrainer) and dae.projection is None
+    assert list(mvm.encoder.state_dict()) == list(dae.encoder.state_dict())
+    if encoder == "swin":
+        reference = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, window_size=4, use_v2=True).swinViT
+        reference.load_state_dict(mvm.encoder.state_dict(), strict=True)
+        assert "mask_token" in dict(mvm.named_parameters())
+    else:
+        assert {n for n, _ in mvm.named_parameters() if n.startswith("mask_embeddings")} == {
+            f"mask_embeddings.{i}" for i in range(5)
+        }
+
+
+def test_dae_disrupts_with_every_disruption_and_masks_exact_zeros():
+    cfg = _run_cfg("resnet", "dae", dae={"mask_ratio": 0.5, "mask_block": 8, "noise_std": [0.0, 0.0]})
+    pretrainer = build_pretrainer(cfg)
+    x = _volume(2, 1) + 1.0  # strictly positive, so zeros come from the mask
+    corrupted = pretrainer.disrupt(x, _gen())
+    assert corrupted.shape == x.shape and corrupted.dtype == torch.float32
+    zero_fraction = (corrupted == 0).float().mean(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(zero_fraction, torch.full((2,), 0.5))
+    assert not torch.equal(corrupted, pretrainer.disrupt(x, _gen(1)))
+    assert torch.equal(corrupted, pretrainer.disrupt(x, _gen()))
+
+
+def test_dae_output_without_contrastive_term():
+    pretrainer = build_pretrainer(_run_cfg("swin", "dae"))
+    image = _volume(2, 1)
+    out = pretrainer({"image": image}, _gen())
+    _check_output(out, image, {"reconstruction"})
+    out.loss.backward()
+    assert all(p.grad is not None for p in pretrainer.parameters())
+
+
+@pytest.mark.parametrize("pairs, subject", [("views", None), ("subject", [3, 3]), ("subject", [1, 2])])
+def test_dae_contrastive_term_is_finite_with_and_without_subject_positives(pairs, subject):
+    dae = {"contrastive_weight": 0.5, "contrastive_pairs": pairs}
+    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae=dae))
+    image = _volume(2, 1)
+    batch = {"image": image} if subject is None else {"image": image, "subject": torch.tensor(subject)}
+    out = pretrainer(batch, _gen())
+    _check_output(out, image, {"reconstruction", "contrastive"})
+    torch.testing.assert_close(out.loss, out.parts["reconstruction"] + 0.5 * out.parts["contrastive"])
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in pretrainer.parameters() if p.grad is not None)
+    assert all(p.grad is not None for p in pretrainer.projection.parameters())
+
+
+def test_dae_subject_pairs_need_subject_ids():
+    dae = {"contrastive_weight": 0.5, "contrastive_pairs": "subject"}
+    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae=dae))
+    with pytest.raises(KeyError, match=r"contrastive_pairs is 'subject' but the batch has no 'subject' ids"):
+        pretrainer({"image": _volume(2, 1)}, _gen())
+    with pytest.raises(ValueError, match=r"batch\['subject'\] must be an integer tensor of shape \(2,\), got \(3,\)"):
+        pretrainer({"image": _volume(2, 1), "subject": torch.tensor([1, 2, 3])}, _gen())
+
+
+def test_dae_mask_block_must_divide_the_crop():
+    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae={"mask_block": 32, "mask_ratio": 0.9}))
+    with pytest.raises(ValueError, match=r"objective.dae.mask_block=32 / objective.dae.mask_ratio=0.9 do not fit"):
+        pretrainer({"image": _volume(1, 1)}, _gen())
+
+
+def test_pretrainer_checks_the_batch():
+    pretrainer = build_pretrainer(_run_cfg("resnet", "dae"))
+    with pytest.raises(KeyError, match=r"the batch has no 'image' entry \(keys: \['img'\]\)"):
+        pretrainer({"img": _volume(1, 1)}, _gen())
+    not_a_batch = r"batch\['image'\] must be a float tensor \(B, C, X, Y, Z\), got \(32, 32, 32\)"
+    with pytest.raises(ValueError, match=not_a_batch):
+        pretrainer({"image": torch.zeros(32, 32, 32)}, _gen())
+    with pytest.raises(ValueError, match=r"generator is on cpu but batch\['image'\] is on meta"):
+        pretrainer({"image": torch.empty(1, 1, 32, 32, 32, device="meta")}, _gen())
+
+
+@pytest.mark.parametrize("encoder", ["swin", "resnet"])
+@pytest.mark.parametrize("norm_target", [False, True])
+def test_mvm_loss_counts_only_masked_voxels(encoder, norm_target):
+    mvm = {"mask_patch": 16 if encoder == "swin" else 32, "mask_ratio": 0.5, "norm_target": norm_target}
+    pretrainer = build_pretrainer(_run_cfg(encoder, "mvm", roi=(64, 64, 64), mvm=mvm)).eval()
+    image = _volume(2, 1, (64, 64, 64))
+    grid = mask_grid_shape((64, 64, 64), mvm["mask_patch"], 0.5)
+    masked = expand_mask(random_grid_mask(2, grid, 0.5, _gen(3)), (64, 64, 64))  # the draw forward makes
+    out = pretrainer({"image": image}, _gen(3))
+    _check_output(out, image, {"reconstruction"})
+    assert torch.equal(out.images["corrupted"] == 0, masked.expand_as(image) | (image == 0))
+    hook = pretrainer.decoder.register_forward_hook(lambda m, a, y: torch.where(masked, y, y + 5.0))
+    changed = pretrainer({"image": image}, _gen(3))
+    hook.remove()
+    torch.testing.assert_close(changed.loss, out.loss, rtol=0, atol=0)
+    hook = pretrainer.decoder.register_forward_hook(lambda m, a, y: torch.where(masked, y + 5.0, y))
+    assert pretrainer({"image": image}, _gen(3)).loss > out.loss
+
+
+@pytest.mark.parametrize("encoder", ["swin", "resnet"])
+def test_mvm_reconstruction_does_not_see_masked_voxels(encoder):
+    mvm = {"mask_patch": 16 if encoder == "swin" else 32, "mask_ratio": 0.5}
+    pretrainer = build_pretrainer(_run_cfg(encoder, "mvm", roi=(64, 64, 64), mvm=mvm)).eval()
+    image = _volume(2, 1, (64, 64, 64))
+    masked_grid = random_grid_mask(2, mask_grid_shape((64, 64, 64), mvm["mask_patch"], 0.5), 0.5, _gen())
+    hidden = expand_mask(masked_grid, (64, 64, 64))
+    changed = torch.where(hidden, torch.randn_like(image) * 100, image)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pretrainer.reconstruct(image, masked_grid), pretrainer.reconstruct(changed, masked_grid), rtol=0, atol=0
+        )
+
+
+def test_mvm_mask_patch_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"objective.mvm.mask_patch=32 / objective.mvm.mask_ratio=0.6 do not fit"):
+        build_pretrainer(_run_cfg("resnet", "mvm"))({"image": _volume(1, 1)}, _gen())
+    swin = build_pretrainer(_run_cfg("swin", "mvm", roi=(64, 64, 64)))
+    with pytest.raises(ValueError, match=r"mvm.mask_patch must be a multiple of 2 for the swin encoder, got 5"):
+        SimMIMPretrainer(swin.encoder, swin.decoder, type(swin.cfg)(mask_patch=5))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"dae": {"disruptions": []}}, r"objective.dae.disruptions must name at least one of mask, noise"),
+        ({"dae": {"disruptions": ["mask", "mask"]}}, r"objective.dae.disruptions names a disruption twice"),
+        ({"dae": {"disruptions": ["jpeg"]}}, r"objective.dae.disruptions\[0\]: got 'jpeg'"),
+        ({"dae": {"noise_std": [0.2, 0.1]}}, r"objective.dae.noise_std must be \[low, high\] with 0 <= low <= high"),
+        ({"dae": {"blur_sigma": [0.0, 1.0]}}, r"objective.dae.blur_sigma must be \[low, high\] with 0 < low"),
+        ({"dae": {"downsample_factors": [3]}}, r"objective.dae.downsample_factors allows 2 and 4"),
+        ({"dae": {"downsample_factors": [2, 2]}}, r"objective.dae.downsample_factors names a factor twice"),
+        ({"dae": {"mask_block": 0}}, r"objective.dae.mask_block must be >= 1 voxel, got 0"),
+        ({"dae": {"temperature": 0.0}}, r"objective.dae.temperature must be > 0, got 0.0"),
+        ({"dae": {"projection_dim": 0}}, r"objective.dae.projection_dim must be >= 1, got 0"),
+        ({"dae": {"contrastive_pairs": "patient"}}, r"objective.dae.contrastive_pairs: got 'patient'"),
+        ({"mvm": {"mask_ratio": 1.0}}, r"objective.mvm.mask_ratio must be in \(0, 1\), got 1.0"),
+        ({"mvm": {"mask_patch": 0}}, r"objective.mvm.mask_patch must be >= 1 voxel, got 0"),
+    ],
+)
+def test_objective_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"objective": override})
+
+
+@pytest.mark.parametrize("encoder, objective, roi", COMBINATIONS)
+def test_every_parameter_gets_a_gradient_under_bf16_autocast(encoder, objective, roi):
+    """DDP (find_unused_parameters=False) needs every parameter used; the trainer defaults to bf16."""
+    dae = {"contrastive_weight": 0.1, "mask_block": 8}
+    pretrainer = build_pretrainer(_run_cfg(encoder, objective, roi=roi, dae=dae))
+    image = _volume(2, 1, roi)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pretrainer({"image": image}, _gen())
+    _check_output(out, image, {"reconstruction", "contrastive"} if objective == "dae" else {"reconstruction"})
+    assert out.loss.dtype == torch.float32
+    out.loss.backward()
+    missing = [name for name, p in pretrainer.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in pretrainer.parameters())
+
+
+def test_build_pretrainer_names_an_unknown_objective():
+    run_cfg = _run_cfg("swin", "dae")
+    run_cfg.objective.name = "jigsaw"  # bypasses the typed loader on purpose
+    with pytest.raises(ConfigError, match=r"objective.name: got 'jigsaw', expected one of 'dae', 'mvm'"):
+        build_pretrainer(run_cfg)
+
+
+# ----------------------------------------------------------------------------- training signal
+
+
+@pytest.mark.parametrize("encoder, objective, roi", COMBINATIONS)
+def test_a_few_adam_steps_on_one_batch_lower_the_loss(encoder, objective, roi):
+    torch.manual_seed(0)
+    dae = {"contrastive_weight": 0.1, "mask_block": 8}
+    mvm = {"mask_patch": 8 if encoder == "swin" else 32, "mask_ratio": 0.5}
+    pretrainer = build_pretrainer(_run_cfg(encoder, objective, roi=roi, dae=dae, mvm=mvm))
+    image = _volume(2, 1, roi)
+    optimizer = torch.optim.Adam(pretrainer.parameters(), lr=2e-3)
+
+    def evaluation_loss() -> float:
+        with torch.no_grad():
+            return pretrainer({"image": image}, _gen(123)).loss.item()
+
+    before = evaluation_loss()
+    generator = _gen(0)
+    for _ in range(20):
+        optimizer.zero_grad()
+        pretrainer({"image": image}, generator).loss.backward()
+        optimizer.step()
+    assert evaluation_loss() < 0.75 * before

@@ -1,0 +1,72 @@
+"""Light UNet-like pretraining decoder: five encoder feature maps back to a full-resolution volume.
+
+Used only during pretraining (export drops it). It is built from MONAI's ``BasicUNet`` pieces:
+a 1x1 convolution on the deepest map, four ``UpCat`` stages (transposed-conv upsampling, concat
+with the encoder map of that stride, two 3^3 convolutions), then a transposed 2^3 convolution from
+stride 2 to full resolution and a 1x1 output convolution (no 3^3 convolution at full resolution,
+where it would cost the most). GroupNorm keeps it independent of batch size and well defined on
+the 1^3 deepest map of a 32^3 crop. It sees only encoder features (never the input image), so it
+cannot copy masked voxels through a skip connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import Convolution, UnetOutBlock
+from monai.networks.nets.basic_unet import UpCat
+from torch import nn
+
+from volpre.models.contract import FEATURE_STRIDES
+
+NORM_GROUPS = 8
+"""GroupNorm groups in every decoder convolution (the decoder widths are multiples of it)."""
+_NORM = ("group", {"num_groups": NORM_GROUPS})
+_ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
+
+
+class UNetDecoder(nn.Module):
+    """Decode five maps at strides 2..32 into ``(B, out_channels, X, Y, Z)`` (linear output).
+
+    Args:
+        encoder_channels: channels of the five encoder maps, finest first.
+        width: channels at stride 2; the stage at stride ``2**(i+1)`` has ``width * 2**i``.
+            A multiple of :data:`NORM_GROUPS`.
+        out_channels: channels of the reconstruction (the encoder's input channels).
+    """
+
+    def __init__(self, encoder_channels: Sequence[int], width: int, out_channels: int) -> None:
+        super().__init__()
+        if len(encoder_channels) != len(FEATURE_STRIDES):
+            raise ValueError(
+                f"decoder needs {len(FEATURE_STRIDES)} encoder levels, got channels {list(encoder_channels)}"
+            )
+        if width < NORM_GROUPS or width % NORM_GROUPS:
+            raise ValueError(f"decoder width (model.decoder_channels) must be a multiple of {NORM_GROUPS}, got {width}")
+        widths = [width * 2**level for level in range(len(encoder_channels))]
+        self.bottleneck = Convolution(3, encoder_channels[-1], widths[-1], kernel_size=1, act=_ACT, norm=_NORM)
+        self.up_stages = nn.ModuleList(
+            UpCat(3, widths[level + 1], encoder_channels[level], widths[level], act=_ACT, norm=_NORM, bias=True)
+            for level in reversed(range(len(encoder_channels) - 1))
+        )
+        self.to_full_resolution = Convolution(
+            3,
+            widths[0],
+            widths[0],
+            strides=2,
+            kernel_size=2,
+            padding=0,
+            output_padding=0,
+            act=_ACT,
+            norm=_NORM,
+            is_transposed=True,
+        )
+        self.head = UnetOutBlock(3, widths[0], out_channels)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``features[i]``: ``(B, encoder_channels[i], X/2**(i+1), ...)`` -> ``(B, out_channels, X, Y, Z)``."""
+        x = self.bottleneck(features[-1])
+        for stage, skip in zip(self.up_stages, reversed(features[:-1])):
+            x = stage(x, skip)
+        return self.head(self.to_full_resolution(x))

@@ -1,0 +1,30 @@
+"""Build the :class:`~volpre.objectives.base.Pretrainer` a run config names."""
+
+from __future__ import annotations
+
+from volpre.config import ConfigError, RunConfig
+from volpre.models import build_decoder, build_encoder
+from volpre.objectives.base import Pretrainer
+from volpre.objectives.dae import DAEPretrainer
+from volpre.objectives.mvm import SimMIMPretrainer, SparKPretrainer
+
+MVM_VARIANTS: dict[str, type[Pretrainer]] = {"swin": SimMIMPretrainer, "resnet": SparKPretrainer}
+"""Masked volume modeling variant per encoder name (``model.encoder``)."""
+
+
+def build_pretrainer(run_cfg: RunConfig) -> Pretrainer:
+    """Encoder + decoder + objective for ``run_cfg.model`` and ``run_cfg.objective`` (on the CPU)."""
+    encoder = build_encoder(run_cfg.model)
+    decoder = build_decoder(run_cfg.model, encoder)
+    objective = run_cfg.objective
+    if objective.name == "dae":
+        return DAEPretrainer(encoder, decoder, objective.dae)
+    if objective.name == "mvm":
+        variant = MVM_VARIANTS.get(run_cfg.model.encoder)
+        if variant is None:
+            raise ConfigError(
+                f"objective.name 'mvm' has no variant for model.encoder {run_cfg.model.encoder!r}; "
+                f"expected one of {', '.join(MVM_VARIANTS)}"
+            )
+        return variant(encoder, decoder, objective.mvm)
+    raise ConfigError(f"objective.name: got {objective.name!r}, expected one of 'dae', 'mvm'")

@@ -1,0 +1,98 @@
+"""Loss terms shared by the objectives: masked reconstruction, per-patch target normalisation and
+multi-positive InfoNCE. All reduce on the device (no host sync) and compute in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+PATCH_NORM_EPS = 1e-6
+"""Added to each patch's variance before the square root (as in MAE)."""
+
+_LOGIT_OF_SELF = -1e9
+"""Stands in for an anchor's similarity to itself so it drops out of the softmax without -inf."""
+
+
+def reconstruction_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    kind: Literal["l1", "l2"],
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean L1 or squared error, over all voxels or over masked voxels only.
+
+    Args:
+        prediction: ``(B, C, X, Y, Z)`` float.
+        target: same shape.
+        kind: ``"l1"`` (absolute error) or ``"l2"`` (squared error).
+        mask: optional ``(B, 1, X, Y, Z)`` bool, ``True`` where the loss counts; voxels outside it
+            do not change the loss or receive gradient. ``None`` counts every voxel.
+
+    Returns:
+        Scalar float32 tensor (0 if the mask selects nothing).
+    """
+    difference = prediction.float() - target.float()
+    error = difference.abs() if kind == "l1" else difference.square()
+    if mask is None:
+        return error.mean()
+    weight = mask.to(error.dtype).expand_as(error)
+    return (error * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def normalize_patches(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalise every cubic ``patch^3`` block of every channel to zero mean and unit variance.
+
+    Args:
+        x: ``(B, C, X, Y, Z)`` float, X/Y/Z divisible by ``patch``.
+        patch: edge of a block in voxels.
+
+    Returns:
+        ``(normalised, mean, std)``: ``normalised`` like ``x`` (float32); ``mean`` and ``std`` are
+        ``(B, C, X, Y, Z)`` float32 holding each voxel's block statistics (population variance plus
+        :data:`PATCH_NORM_EPS`, square-rooted), so ``x == normalised * std + mean``.
+    """
+    batch, channels, *spatial = x.shape
+    if any(size % patch for size in spatial):
+        raise ValueError(f"spatial size {tuple(spatial)} must be divisible by the patch edge {patch}")
+    gx, gy, gz = (size // patch for size in spatial)
+    blocks = x.float().reshape(batch, channels, gx, patch, gy, patch, gz, patch)
+    mean = blocks.mean(dim=(3, 5, 7), keepdim=True)
+    var = blocks.var(dim=(3, 5, 7), keepdim=True, unbiased=False)
+    std = (var + PATCH_NORM_EPS).sqrt()
+    shape = (batch, channels, *spatial)
+    return (
+        ((blocks - mean) / std).reshape(shape),
+        mean.expand_as(blocks).reshape(shape),
+        std.expand_as(blocks).reshape(shape),
+    )
+
+
+def multi_positive_info_nce(embeddings: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with any number of positives per anchor (SupCon's "L_out" form).
+
+    Every row is an anchor; its positives are the other rows with the same group id, and the softmax
+    runs over all other rows. With two views per group this is NT-Xent (SimCLR). Anchors without a
+    positive are left out; if no anchor has one, the loss is 0 (finite, with zero gradient).
+
+    Args:
+        embeddings: ``(N, D)`` float (normalised to unit length here).
+        groups: ``(N,)`` integer group ids on the same device.
+        temperature: softmax temperature, > 0.
+
+    Returns:
+        Scalar float32: mean over anchors with positives of
+        ``-mean_p log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t))``.
+    """
+    z = F.normalize(embeddings.float(), dim=1)
+    n = z.shape[0]
+    self_pair = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = (z @ z.T / temperature).masked_fill(self_pair, _LOGIT_OF_SELF)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positive = (groups.view(-1, 1) == groups.view(1, -1)) & ~self_pair
+    positive_count = positive.sum(dim=1)
+    anchor_loss = -(log_prob * positive).sum(dim=1) / positive_count.clamp_min(1)
+    has_positive = (positive_count > 0).to(anchor_loss.dtype)
+    return (anchor_loss * has_positive).sum() / has_positive.sum().clamp_min(1.0)
