@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,22 +103,41 @@ class SwinConfig:
     """SwinViT of MONAI's SwinUNETR (keys identical to ``SwinUNETR(...).swinViT``)."""
 
     feature_size: int = 48
+    """Channels of the patch embedding; stage ``i`` has ``feature_size * 2**i`` (a multiple of 12)."""
     depths: tuple[int, ...] = (2, 2, 2, 2)
+    """Swin blocks in each of the 4 stages."""
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    """Attention heads in each of the 4 stages (each must divide that stage's channels)."""
     window_size: int = 7
+    """Edge of the cubic attention window, in tokens."""
     use_v2: bool = True
+    """SwinUNETR-v2: a residual convolution block before each Swin stage."""
     use_checkpoint: bool = False
     """Gradient checkpointing (saves memory for 96^3+ crops at some speed)."""
     drop_path_rate: float = 0.0
+    """Stochastic depth: drop-path probability rising linearly to this value over the blocks."""
 
     def validate(self) -> None:
-        if self.feature_size % 12 != 0:
-            raise ConfigError(f"model.swin.feature_size must be a multiple of 12, got {self.feature_size}")
+        if self.feature_size < 12 or self.feature_size % 12 != 0:
+            raise ConfigError(f"model.swin.feature_size must be a positive multiple of 12, got {self.feature_size}")
         if len(self.depths) != 4 or len(self.num_heads) != 4:
             raise ConfigError(
                 f"model.swin.depths and model.swin.num_heads need 4 stages each, "
                 f"got {list(self.depths)} and {list(self.num_heads)}"
             )
+        if any(d < 1 for d in self.depths):
+            raise ConfigError(f"model.swin.depths must be >= 1 in every stage, got {list(self.depths)}")
+        for stage, heads in enumerate(self.num_heads):
+            channels = self.feature_size * 2**stage
+            if heads < 1 or channels % heads:
+                raise ConfigError(
+                    f"model.swin.num_heads[{stage}] must divide the stage's {channels} channels "
+                    f"(feature_size * 2**{stage}), got {heads}"
+                )
+        if self.window_size < 1:
+            raise ConfigError(f"model.swin.window_size must be >= 1, got {self.window_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"model.swin.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
 
 @dataclass
@@ -125,26 +145,35 @@ class ResNetConfig:
     """3D ResNet in MONAI's ``ResNetFeatures`` layout (keys of ``FlexibleUNet(...).encoder``)."""
 
     depth: Literal[10, 18, 34, 50] = 50
+    """ResNet depth: ``resnet10``/``18``/``34`` (basic blocks) or ``resnet50`` (bottlenecks)."""
 
 
 @dataclass
 class ModelConfig:
     encoder: Literal["swin", "resnet"] = "swin"
+    """Encoder family (the name in ``volpre.models.ENCODERS``); its section below sets its shape."""
     in_channels: int = 1
     """Input channels (1 for CT or a single MR sequence; more for stacked MR sequences)."""
     decoder_channels: int = 32
-    """Width of the light pretraining decoder's finest stage (dropped at export)."""
+    """Width of the light pretraining decoder's finest stage (dropped at export); the stage at stride
+    ``2**(i+1)`` has ``decoder_channels * 2**i`` channels. A multiple of 8 (GroupNorm with 8 groups)."""
     swin: SwinConfig = field(default_factory=SwinConfig)
     resnet: ResNetConfig = field(default_factory=ResNetConfig)
 
     def validate(self) -> None:
         if self.in_channels < 1:
             raise ConfigError(f"model.in_channels must be >= 1, got {self.in_channels}")
+        if self.decoder_channels < 8 or self.decoder_channels % 8:
+            raise ConfigError(f"model.decoder_channels must be a positive multiple of 8, got {self.decoder_channels}")
 
 
 @dataclass
 class DAEConfig:
-    """Disruptive autoencoder: corrupt, then reconstruct the clean crop."""
+    """Disruptive autoencoder: corrupt, then reconstruct the clean crop.
+
+    The named disruptions are applied in a fixed order (downsample, blur, noise, mask), each with
+    parameters drawn per sample.
+    """
 
     disruptions: tuple[Literal["mask", "noise", "downsample", "blur"], ...] = (
         "mask",
@@ -152,34 +181,60 @@ class DAEConfig:
         "downsample",
         "blur",
     )
+    """Which disruptions to apply (any non-empty combination, each at most once)."""
     mask_ratio: float = 0.5
-    """Fraction of voxels covered by masked blocks."""
+    """Fraction of the crop's cubic blocks set to zero (exactly ``round(ratio * blocks)`` per sample)."""
     mask_block: int = 16
-    """Edge of a masked cubic block, in voxels."""
+    """Edge of a masked cubic block, in voxels (must divide the crop size)."""
     noise_std: tuple[float, float] = (0.0, 0.1)
     """Additive Gaussian noise: std drawn uniformly from this range per sample."""
     downsample_factors: tuple[int, ...] = (2, 4)
-    """Downsample-then-upsample by one of these factors, drawn per sample."""
+    """Downsample (average) then upsample (trilinear) by one of these factors, drawn per sample."""
     blur_sigma: tuple[float, float] = (0.5, 1.5)
     """Gaussian blur: sigma in voxels drawn uniformly from this range per sample."""
     loss: Literal["l1", "l2"] = "l1"
+    """Reconstruction loss over all voxels of the clean crop."""
     contrastive_weight: float = 0.0
-    """Weight of the contrastive term between two disruptions of one crop (0 disables)."""
+    """Weight of the contrastive (InfoNCE) term between two disruptions of one crop (0 disables it,
+    and then each crop is disrupted once and no projection head is built)."""
     contrastive_pairs: Literal["views", "subject"] = "views"
-    """Positives: two disruptions of the same crop, or crops of two scans of the same subject."""
+    """Positives: the other disruption of the same crop (``views``), or additionally every crop of the
+    same subject in the batch (``subject``; needs ``batch["subject"]``)."""
     temperature: float = 0.1
+    """Softmax temperature of the contrastive term."""
+    projection_dim: int = 128
+    """Output width of the contrastive projection head (pooled deepest features -> MLP -> this)."""
 
     def validate(self) -> None:
+        allowed = ("mask", "noise", "downsample", "blur")
         if not self.disruptions:
-            raise ConfigError("objective.dae.disruptions must name at least one of mask, noise, downsample, blur")
+            raise ConfigError(f"objective.dae.disruptions must name at least one of {', '.join(allowed)}")
+        if len(set(self.disruptions)) != len(self.disruptions):
+            raise ConfigError(f"objective.dae.disruptions names a disruption twice: {list(self.disruptions)}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.dae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if any(f not in (2, 4) for f in self.downsample_factors):
+        if self.mask_block < 1:
+            raise ConfigError(f"objective.dae.mask_block must be >= 1 voxel, got {self.mask_block}")
+        lo, hi = self.noise_std
+        if not 0.0 <= lo <= hi:
+            raise ConfigError(f"objective.dae.noise_std must be [low, high] with 0 <= low <= high, got {[lo, hi]}")
+        lo, hi = self.blur_sigma
+        if not 0.0 < lo <= hi:
+            raise ConfigError(f"objective.dae.blur_sigma must be [low, high] with 0 < low <= high, got {[lo, hi]}")
+        if not self.downsample_factors or any(f not in (2, 4) for f in self.downsample_factors):
             raise ConfigError(
-                f"objective.dae.downsample_factors allows 2 and 4, got {list(self.downsample_factors)}"
+                f"objective.dae.downsample_factors allows 2 and 4 (at least one), got {list(self.downsample_factors)}"
+            )
+        if len(set(self.downsample_factors)) != len(self.downsample_factors):
+            raise ConfigError(
+                f"objective.dae.downsample_factors names a factor twice: {list(self.downsample_factors)}"
             )
         if self.contrastive_weight < 0:
             raise ConfigError(f"objective.dae.contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.temperature <= 0:
+            raise ConfigError(f"objective.dae.temperature must be > 0, got {self.temperature}")
+        if self.projection_dim < 1:
+            raise ConfigError(f"objective.dae.projection_dim must be >= 1, got {self.projection_dim}")
 
 
 @dataclass
@@ -187,20 +242,25 @@ class MVMConfig:
     """Masked volume modeling: SimMIM-style for Swin, SparK-style for ResNet."""
 
     mask_ratio: float = 0.6
+    """Fraction of the crop's patches masked (exactly ``round(ratio * patches)`` per sample)."""
     mask_patch: int = 16
-    """Edge of a masked cubic patch, in voxels (a multiple of the encoder's patch/stride)."""
+    """Edge of a masked cubic patch, in voxels (Swin: a multiple of 2; ResNet: a multiple of 32)."""
     norm_target: bool = False
     """Normalise each target patch to zero mean, unit variance (as in MAE/SimMIM)."""
     loss: Literal["l1", "l2"] = "l1"
+    """Reconstruction loss, over masked voxels only."""
 
     def validate(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.mvm.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.mask_patch < 1:
+            raise ConfigError(f"objective.mvm.mask_patch must be >= 1 voxel, got {self.mask_patch}")
 
 
 @dataclass
 class ObjectiveConfig:
     name: Literal["dae", "mvm"] = "dae"
+    """Pretraining objective: disruptive autoencoder (``dae``) or masked volume modeling (``mvm``)."""
     dae: DAEConfig = field(default_factory=DAEConfig)
     mvm: MVMConfig = field(default_factory=MVMConfig)
 
@@ -210,8 +270,12 @@ class TrainConfig:
     lr: float = 1.5e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.05
+    total_steps: int = 100_000
+    """Length of the schedule: linear warmup, then cosine decay to ``min_lr`` at this step.
+    ``volpre pretrain --max-steps N`` may stop earlier (and ``--resume`` continue the same
+    schedule); it defaults to ``total_steps``."""
     warmup_steps: int = 500
-    """Linear warmup, then cosine decay to ``min_lr`` at ``--max-steps``."""
+    """Steps of linear warmup from 0 to ``lr``."""
     grad_accum: int = 1
     clip_grad_norm: float = 1.0
     """Max global gradient norm (0 disables); unscaled first under fp16."""
@@ -232,11 +296,15 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr, got {self.lr}, {self.min_lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        for key in ("grad_accum", "log_every", "image_every", "checkpoint_every", "keep_last"):
+        for key in ("total_steps", "grad_accum", "log_every", "image_every", "checkpoint_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         if self.warmup_steps < 0 or self.clip_grad_norm < 0:
             raise ConfigError("train.warmup_steps and train.clip_grad_norm must be >= 0")
+        if self.warmup_steps >= self.total_steps:
+            raise ConfigError(
+                f"train.warmup_steps ({self.warmup_steps}) must be below train.total_steps ({self.total_steps})"
+            )
 
 
 @dataclass
@@ -268,6 +336,20 @@ class RunConfig:
             if any(r % patch for r in self.data.roi):
                 raise ConfigError(
                     f"data.roi {list(self.data.roi)} must be divisible by objective.mvm.mask_patch {patch}"
+                )
+            patches = math.prod(r // patch for r in self.data.roi)
+            masked = round(self.objective.mvm.mask_ratio * patches)
+            if not 0 < masked < patches:
+                raise ConfigError(
+                    f"objective.mvm.mask_ratio {self.objective.mvm.mask_ratio} masks {masked} of the {patches} "
+                    f"patches of {patch}^3 in a data.roi crop of {list(self.data.roi)}; it must mask at least one "
+                    "and leave at least one visible (use a larger roi or a smaller mask_patch)"
+                )
+        if self.objective.name == "dae" and "mask" in self.objective.dae.disruptions:
+            block = self.objective.dae.mask_block
+            if any(r % block for r in self.data.roi):
+                raise ConfigError(
+                    f"data.roi {list(self.data.roi)} must be divisible by objective.dae.mask_block {block}"
                 )
 
     def to_dict(self) -> dict[str, Any]:
