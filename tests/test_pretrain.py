@@ -1,0 +1,217 @@
+"""Pretraining runs end to end: falling loss for every tiny config, exact resume, DDP under
+torchrun, atomic checkpoints, logs, bad entries, and the errors a user can hit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from volpre.cli import main
+from volpre.config import load_config
+from volpre.data.dataset import PretrainDataset, VolumeGroups
+from volpre.data.manifest import load_manifest
+from volpre.engine import checkpoint as checkpoint_module
+from volpre.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from volpre.engine.trainer import pretrain
+from volpre.objectives import build_pretrainer
+
+FAST = ["data.num_workers=0"]
+SCRIPTS = Path(__file__).parent / "scripts"
+REPO = Path(__file__).parent.parent
+# subprocesses find volpre whether or not it is installed (it is, editable, under `make test`)
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+                  "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def _losses(output: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
+    """Loss of a pretrainer (initial weights, or ``state``) on fixed crops with a fixed generator."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_pretrainer(cfg)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    model.eval()
+    groups = VolumeGroups.build(load_manifest(manifest).entries, by_subject=False)
+    dataset = PretrainDataset(groups, cfg.preprocess, cfg.data, seed=123)
+    crops = [c for i in range(len(groups)) for c in dataset[(0, i)]]
+    batch = {"image": torch.stack([c["image"] for c in crops])}
+    with torch.no_grad():
+        return float(model(batch, torch.Generator().manual_seed(5)).loss)
+
+
+@pytest.mark.parametrize("name", ["swin-dae-tiny", "swin-mvm-tiny", "resnet-dae-tiny", "resnet-mvm-tiny"])
+def test_tiny_config_learns_on_demo_data(name, demo_manifest, tmp_path):
+    cfg = load_config(name, FAST)
+    result = pretrain(cfg, demo_manifest, tmp_path, max_steps=30, device="cpu")
+    assert result.final_step == 30 and len(_losses(tmp_path)) == 30
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    before = _fixed_batch_loss(cfg, None, demo_manifest)
+    after = _fixed_batch_loss(cfg, state["model"], demo_manifest)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_resume_continues_exactly(demo_manifest, tmp_path):
+    overrides = ["train.checkpoint_every=5", "data.num_workers=1"]  # a worker process, as in real runs
+    cfg = load_config("resnet-dae-tiny", overrides)
+    pretrain(cfg, demo_manifest, tmp_path / "straight", max_steps=12, device="cpu")
+    pretrain(cfg, demo_manifest, tmp_path / "stopped", max_steps=6, device="cpu")
+    pretrain(cfg, demo_manifest, tmp_path / "stopped", max_steps=12, resume=True, device="cpu")
+    straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "stopped")
+    assert len(straight) == len(resumed) == 12
+    assert resumed == pytest.approx(straight, rel=1e-6, abs=0)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_contents_logs_and_retention(demo_manifest, tmp_path):
+    cfg = load_config("resnet-dae-tiny", FAST + ["train.checkpoint_every=2", "train.keep_last=2",
+                                                  "train.image_every=3", "train.log_every=2"])
+    pretrain(cfg, demo_manifest, tmp_path, max_steps=6, device="cpu")
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
+    state = torch.load(folder / "last.pt", weights_only=True)  # the safe unpickler reads it all
+    assert state["step"] == 6 and state["items_seen"] == 6 * 2 and state["world_size"] == 1
+    assert state["encoder"] == "resnet" and state["config"]["model"]["resnet"]["depth"] == 10
+    assert {"volpre", "monai", "torch"} <= set(state["versions"])
+    assert state["manifest"]["sha256"] and len(state["rng"]) == 1
+    assert any(k.startswith("encoder.") for k in state["model"])
+    assert (folder / "best.pt").exists()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "loss.reconstruction", "lr", "grad_norm"} <= set(records[0])
+    assert "samples_per_s" in records[1] and 0.0 <= records[1]["data_wait_fraction"] <= 1.0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "samples_per_s", "data_wait_fraction"} <= set(tags["scalars"])
+    assert tags["images"] == ["slices/input|corrupted|reconstruction"]
+    assert [e.step for e in events.Images(tags["images"][0])] == [3, 6]
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    manager.save({"step": 1, "model": {"w": torch.ones(3)}, "config": {}, "versions": {}}, 1, is_best=True)
+
+    def dying_save(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save({"step": 2, "model": {"w": torch.zeros(3)}, "config": {}, "versions": {}}, 2, is_best=True)
+    assert load_checkpoint(manager.last)["step"] == 1 and load_checkpoint(manager.best)["step"] == 1
+    assert sorted(p.name for p in manager.folder.iterdir()) == ["best.pt", "last.pt", "step_00000001.pt"]
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"step": 1, "model": {"w": torch.ones(1000)}, "config": {}, "versions": {}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=r"last\.pt: cannot be read .* it may be truncated"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.ones(2)}, path)
+    with pytest.raises(CheckpointError, match="not a volpre pretraining checkpoint"):
+        load_checkpoint(path)
+
+
+def test_resume_and_output_errors(demo_manifest, tmp_path, capsys):
+    args = ["pretrain", "--config", "resnet-dae-tiny", "--manifest", str(demo_manifest), "--output", str(tmp_path),
+            "--device", "cpu", "data.num_workers=0"]
+    assert main(args + ["--resume", "--max-steps", "2"]) == 2
+    assert "--resume: no checkpoint to resume at" in capsys.readouterr().err
+    assert main(args + ["--max-steps", "2"]) == 0
+    assert main(args + ["--max-steps", "4"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(args + ["--resume", "--max-steps", "4", "train.lr=0.5"]) == 2
+    assert "these config keys differ from it: train.lr" in capsys.readouterr().err
+    assert main(args + ["--resume", "--max-steps", "4", "train.log_every=1"]) == 0  # a safe change
+    assert main(args + ["--resume", "--max-steps", "4"]) == 0  # already there: nothing to do
+    assert main(["pretrain", "--config", "nope", "--manifest", "m", "--output", "o"]) == 2
+    assert "config 'nope' not found" in capsys.readouterr().err
+    assert main(args + ["--max-steps", "2", "train.amp=fp8"]) == 2
+    assert "train.amp: got 'fp8', expected one of 'none', 'bf16', 'fp16'" in capsys.readouterr().err
+
+
+def test_bad_entries_are_skipped_and_recorded(demo_manifest, tmp_path):
+    data = json.loads(demo_manifest.read_text())
+    base = demo_manifest.parent
+    good = next(e for e in data["entries"] if e["image"].endswith(".nii.gz"))
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes((base / good["image"]).read_bytes()[:4000])
+    entries = [{**e, "image": str(base / e["image"]), "label": str(base / e["label"])} for e in data["entries"]]
+    entries.insert(0, {"image": str(broken), "id": "broken", "modality": "CT"})
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"entries": entries}))
+    cfg = load_config("resnet-dae-tiny", FAST)
+    result = pretrain(cfg, manifest, tmp_path / "run", max_steps=4, device="cpu")
+    assert result.final_step == 4
+    assert [(b["id"], b["kind"]) for b in result.bad_entries] == [("broken", "truncated")]
+    cfg = load_config("resnet-dae-tiny", FAST + ["data.on_bad_entry=fail"])
+    with pytest.raises(Exception, match=r"broken\.nii\.gz"):
+        pretrain(cfg, manifest, tmp_path / "strict", max_steps=4, device="cpu")
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resumes(demo_manifest, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "volpre", "pretrain", "--config", "resnet-dae-tiny", "--manifest",
+           str(demo_manifest), "--output", str(out), "--device", "cpu", "--max-steps", "200",
+           "data.num_workers=0", "train.log_every=1", "train.checkpoint_every=1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run logged nothing"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "stopping at step" in err
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == len(_losses(out)) < 200
+    assert main(cmd[3:-3] + ["--max-steps", str(state["step"] + 2), "--resume", "data.num_workers=0"]) == 0
+    assert len(_losses(out)) == state["step"] + 2
+
+
+def test_torchrun_two_processes_share_weights_and_split_data(demo_manifest, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPTS / "ddp_pretrain.py"),
+                           str(demo_manifest), str(tmp_path)], capture_output=True, text=True, env=SUBPROCESS_ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp_report.json").read_text())
+    rank0, rank1 = sorted(report["ranks"], key=lambda r: r["rank"])
+    assert rank0["weights"] == rank1["weights"] and rank0["weights_abs"] == rank1["weights_abs"]
+    items0 = {tuple(k) for k in rank0["items"]}
+    items1 = {tuple(k) for k in rank1["items"]}
+    assert len(items0) == len(items1) == 3 * 2 and not items0 & items1  # 3 steps x batch 2, disjoint
+    assert len(report["losses"]) == 3
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_torchrun_cli(demo_manifest, tmp_path):
+    """The documented command: torchrun --standalone --nproc_per_node=2 -m volpre pretrain ..."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "volpre", "pretrain",
+                           "--config", "swin-dae-tiny", "--manifest", str(demo_manifest), "--output", str(tmp_path),
+                           "--max-steps", "2", "data.num_workers=0"], capture_output=True, text=True,
+                          env=SUBPROCESS_ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
+    assert len(_losses(tmp_path)) == 2  # rank 0 alone logs

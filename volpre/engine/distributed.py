@@ -1,0 +1,72 @@
+"""Process-group setup for one process or many (torchrun, one or many nodes; SLURM).
+
+Launch styles understood (through PyTorch Ignite's ``idist``, which reads their environments):
+
+- one process: ``volpre pretrain ...``
+- torchrun: ``torchrun --nproc_per_node=N [--nnodes=M --rdzv_backend=c10d --rdzv_endpoint=H:P] -m volpre pretrain ...``
+  (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT`` set by torchrun)
+- SLURM without torchrun: ``srun`` with one task per GPU (``SLURM_PROCID``, ``SLURM_LOCALID``,
+  ``SLURM_NTASKS``, ``SLURM_JOB_NODELIST``); or ``srun`` one task per node running torchrun.
+
+Backend: NCCL on CUDA devices, gloo on the CPU. Each process drives ``cuda:LOCAL_RANK``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ignite.distributed as idist
+import torch
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+    """``nccl``, ``gloo``, or None for a single process."""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def _requested_world_size() -> int:
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_NTASKS" in os.environ and "SLURM_JOB_ID" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return 1
+
+
+def setup_distributed(device: str | None = None) -> DistContext:
+    """Join the process group the launcher describes (if any) and pick this process's device.
+
+    ``device``: ``"cuda"``, ``"cpu"`` or None (CUDA when available). Returns the rank, world size
+    and device; call :func:`teardown_distributed` at the end.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    world = _requested_world_size()
+    backend = None
+    if world > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        if idist.get_world_size() == 1:
+            idist.initialize(backend)
+    rank, local_rank = idist.get_rank(), idist.get_local_rank()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    return DistContext(rank=rank, world_size=idist.get_world_size(), local_rank=local_rank, device=dev, backend=backend)
+
+
+def teardown_distributed(ctx: DistContext) -> None:
+    if ctx.backend is not None:
+        idist.finalize()

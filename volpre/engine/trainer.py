@@ -1,0 +1,420 @@
+"""The pretraining run: data stream -> pretrainer (encoder + decoder + objective) -> AdamW, on an
+Ignite ``Engine``, with AMP, gradient accumulation and clipping, EMA, DDP, logs and checkpoints.
+
+One Ignite iteration is one optimiser step over ``train.grad_accum`` micro-batches. The
+learning rate follows a linear warmup over ``train.warmup_steps`` and a cosine decay to
+``train.min_lr`` at ``train.total_steps``; ``max_steps`` only says where this invocation stops,
+so a run stopped at step 20 and resumed to 40 follows the very schedule, crops, masks and losses
+of an uninterrupted 40-step run (on the same hardware and world size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.data import list_data_collate
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from volpre.config import RunConfig, config_from_dict
+from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups
+from volpre.data.manifest import load_manifest
+from volpre.engine.batches import DevicePrefetcher, StepBatches
+from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
+from volpre.engine.distributed import DistContext, setup_distributed, teardown_distributed
+from volpre.engine.logging import RunLogger
+from volpre.objectives import build_pretrainer
+from volpre.versions import installed_versions
+
+log = logging.getLogger(__name__)
+
+RESUME_SAFE_KEYS = (
+    "train.log_every",
+    "train.image_every",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "data.num_workers",
+    "data.cache_dir",
+)
+"""Config keys that may change when resuming; any other change would break exact resume."""
+
+
+@dataclass
+class PretrainResult:
+    output: Path
+    final_step: int
+    checkpoint: Path | None
+    losses: list[float] = field(default_factory=list)
+    """The loss of each step this invocation ran (rank 0)."""
+    bad_entries: list[dict] = field(default_factory=list)
+    samples_per_s: float = 0.0
+    data_wait_fraction: float = 0.0
+    peak_memory_bytes: int = 0
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
+    """Learning rate after ``step`` optimiser steps: linear warmup, then cosine to ``min_lr``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norm weights, tokens and other 1D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def resumed_config(saved: dict, requested: RunConfig | None) -> RunConfig:
+    """The checkpoint's config, with only :data:`RESUME_SAFE_KEYS` taken from ``requested``."""
+    if requested is None:
+        return config_from_dict(saved)
+    new = requested.to_dict()
+    changed = _changed_keys(saved, new)
+    unsafe = [k for k in changed if k not in RESUME_SAFE_KEYS]
+    if unsafe:
+        raise CheckpointError(
+            "--resume continues the checkpoint's run exactly, but these config keys differ from it: "
+            f"{', '.join(unsafe)} (only {', '.join(RESUME_SAFE_KEYS)} may change on resume)"
+        )
+    return requested
+
+
+class StopRequest:
+    """SIGTERM/SIGINT -> stop after the current step, checkpointed, on every rank together.
+
+    The signal handler only sets a flag. One process acts on it at once; several processes
+    compare flags (all-reduce MAX) at log steps, so every rank stops at the same step.
+    """
+
+    def __init__(self, world_size: int, device: torch.device):
+        self.world_size, self.device = world_size, device
+        self.signal: int | None = None
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    @contextlib.contextmanager
+    def handling_signals(self):
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def agreed(self, at_log_step: bool) -> bool:
+        """Whether every rank should stop now (collective at log steps when distributed)."""
+        if self.world_size == 1:
+            return self.signal is not None
+        if not at_log_step:
+            return False
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Pretraining:
+    """Everything one process needs for a pretraining run; :meth:`run` drives it."""
+
+    def __init__(self, cfg: RunConfig, manifest_path: Path, output: Path, ctx: DistContext,
+                 resume: bool = False, splits: tuple[str, ...] | None = None):
+        self.ctx, self.output = ctx, Path(output)
+        self.checkpoints = CheckpointManager(self.output / "checkpoints", keep_last=1)
+        saved = None
+        if resume:
+            if not self.checkpoints.last.exists():
+                raise CheckpointError(f"--resume: no checkpoint to resume at {self.checkpoints.last}")
+            saved = load_checkpoint(self.checkpoints.last)
+            cfg = resumed_config(saved["config"], cfg)
+            if saved["world_size"] != ctx.world_size:
+                raise CheckpointError(
+                    f"--resume: the checkpoint was written by {saved['world_size']} processes, this run has "
+                    f"{ctx.world_size}; exact resume needs the same number"
+                )
+        elif self.checkpoints.last.exists():
+            raise CheckpointError(
+                f"{self.output} already holds a run ({self.checkpoints.last}); pass --resume to continue it, "
+                "or choose another --output"
+            )
+        self.cfg = cfg
+        self.checkpoints.keep_last = cfg.train.keep_last
+        self.manifest_path = Path(manifest_path)
+        manifest = load_manifest(self.manifest_path)
+        entries = [e for e in manifest.entries if splits is None or e.split in splits]
+        if not entries:
+            raise ValueError(f"manifest {manifest_path}: no entries in splits {', '.join(splits or ())}")
+        by_subject = cfg.objective.name == "dae" and cfg.objective.dae.contrastive_weight > 0 and (
+            cfg.objective.dae.contrastive_pairs == "subject")
+        self.groups = VolumeGroups.build(entries, by_subject=by_subject)
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.module = build_pretrainer(cfg).to(ctx.device)
+        if cfg.train.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last_3d)
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            self.ema = AveragedModel(self.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+        self.model: torch.nn.Module = self.module
+        if ctx.world_size > 1:
+            ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, cfg.train.weight_decay), lr=cfg.train.lr,
+                                           betas=(0.9, 0.95))
+        t = cfg.train
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.total_steps, t.lr, t.min_lr) / t.lr)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.amp == "fp16")
+        self.generator = torch.Generator(device=ctx.device)
+        torch.manual_seed(t.seed + 1 + ctx.rank)
+        np.random.seed((t.seed + 1 + ctx.rank) % 2**32)
+        self.generator.manual_seed(t.seed + 10_000 + ctx.rank)
+
+        self.step, self.best_loss = 0, math.inf
+        if saved is not None:
+            self._restore(saved)
+        self.manifest_sha256 = file_sha256(self.manifest_path)
+
+    # ------------------------------------------------------------------ state
+
+    def _restore(self, saved: dict) -> None:
+        self.module.load_state_dict(saved["model"], strict=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"], strict=True)
+        restore_rng(saved["rng"][self.ctx.rank], self.generator)
+        self.step, self.best_loss = int(saved["step"]), float(saved["best_loss"])
+
+    @property
+    def items_per_step(self) -> int:
+        return self.cfg.train.grad_accum * self.cfg.data.batch_size
+
+    def state_dict(self, rng_all_ranks: list) -> dict[str, Any]:
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng_all_ranks,
+            "step": self.step,
+            "items_seen": self.step * self.items_per_step,
+            "world_size": self.ctx.world_size,
+            "best_loss": self.best_loss,
+            "config": self.cfg.to_dict(),
+            "encoder": self.cfg.model.encoder,
+            "versions": installed_versions(),
+            "manifest": {"path": str(self.manifest_path.resolve()), "sha256": self.manifest_sha256},
+        }
+
+    def _gather_rng(self) -> list:
+        state = capture_rng(self.generator)
+        if self.ctx.world_size == 1:
+            return [state]
+        gathered: list = [None] * self.ctx.world_size
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    # ------------------------------------------------------------------ data
+
+    def _batches(self) -> StepBatches:
+        cfg, ctx = self.cfg, self.ctx
+        bad_log = BadEntryLog(self.output / "bad_entries.jsonl")
+        dataset = PretrainDataset(self.groups, cfg.preprocess, cfg.data, cfg.train.seed, bad_entries=bad_log)
+        sampler = InfiniteShardSampler(len(self.groups), cfg.train.seed, ctx.rank, ctx.world_size,
+                                       start=self.step * self.items_per_step)
+        workers = cfg.data.num_workers
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=workers,
+            collate_fn=list_data_collate, pin_memory=ctx.device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        )
+        return StepBatches(DevicePrefetcher(iter(loader), ctx.device, cfg.train.channels_last), cfg.train.grad_accum)
+
+    # ------------------------------------------------------------------ step
+
+    def _train_step(self, micro_batches: list[dict]) -> dict[str, Any]:
+        t = self.cfg.train
+        self.model.train()
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+        n = len(micro_batches)
+        loss_sum, parts_sum, images = None, {}, {}
+        want_images = self.ctx.is_main and (self.step + 1) % t.image_every == 0
+        for i, batch in enumerate(micro_batches):
+            no_sync = i < n - 1 and isinstance(self.model, DistributedDataParallel)
+            with self.model.no_sync() if no_sync else contextlib.nullcontext():
+                with torch.autocast(self.ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = self.model(batch, self.generator)
+                self.scaler.scale(out.loss / n).backward()
+            loss = out.loss.detach().float()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
+            for k, v in out.parts.items():
+                parts_sum[k] = parts_sum.get(k, 0) + v.detach().float()
+            if want_images and i == n - 1:
+                images = out.images
+        grad_norm = None
+        if t.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), t.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.module)
+        self.step += 1
+        values = {"loss": loss_sum / n, **{f"loss.{k}": v / n for k, v in parts_sum.items()}}
+        if grad_norm is not None:
+            values["grad_norm"] = grad_norm.detach().float()
+        if self.ctx.world_size > 1:  # mean over ranks: a device op, no host sync
+            keys = list(values)
+            stacked = torch.stack([values[k] for k in keys])
+            dist.all_reduce(stacked)
+            values = dict(zip(keys, stacked / self.ctx.world_size))
+        return {"values": values, "lr": lr, "images": images}
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, max_steps: int) -> PretrainResult:
+        """Train from the current step up to ``max_steps`` (nothing to do if already there).
+
+        SIGTERM (preemption) or SIGINT stops the run after the current step with a checkpoint:
+        at once in one process; under DDP at the next ``log_every`` boundary, where the ranks
+        agree (one all-reduce) and stop together.
+        """
+        cfg, ctx = self.cfg, self.ctx
+        result = PretrainResult(output=self.output, final_step=self.step, checkpoint=None)
+        if max_steps <= self.step:
+            log.warning("the run in %s is already at step %d (--max-steps %d): nothing to do",
+                        self.output, self.step, max_steps)
+            return result
+        logger = RunLogger(self.output, purge_step=self.step if self.step > 0 else None) if ctx.is_main else None
+        batches = self._batches()
+        window = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
+        checkpoint_window: list[torch.Tensor] = []
+        samples_per_step = self.items_per_step * cfg.data.crops_per_volume * ctx.world_size
+
+        engine = Engine(lambda _engine, group: self._train_step(group))
+        engine.load_state_dict({"iteration": self.step, "epoch_length": max_steps, "max_epochs": 1})
+        stop = StopRequest(ctx.world_size, ctx.device)
+
+        @engine.on(Events.ITERATION_COMPLETED)
+        def record(engine: Engine) -> None:
+            out = engine.state.output
+            window["wait"] += batches.last_wait_s
+            window["steps"] += 1
+            checkpoint_window.append(out["values"]["loss"])
+            if logger is not None:
+                logger.add_step(self.step, out["values"], {"lr": out["lr"]})
+                if out["images"]:
+                    logger.add_images(self.step, out["images"])
+            at_log_step = self.step % cfg.train.log_every == 0 or self.step == max_steps
+            if at_log_step:
+                self._flush(logger, window, samples_per_step, result)
+            stopping = stop.agreed(at_log_step)
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == max_steps or stopping:
+                self._checkpoint(checkpoint_window, result)
+            if stopping:
+                log.warning("stopping at step %d on signal %s; resume with --resume", self.step, stop.signal)
+                if not at_log_step:
+                    self._flush(logger, window, samples_per_step, result)
+                engine.terminate()
+
+        if ctx.is_main and sys.stderr.isatty():
+            from ignite.handlers import ProgressBar
+
+            ProgressBar(persist=True).attach(engine, output_transform=lambda out: {"loss": out["values"]["loss"]})
+
+        with stop.handling_signals():
+            engine.run(batches, max_epochs=1, epoch_length=max_steps)
+        if logger is not None:
+            logger.close()
+        result.final_step = self.step
+        result.bad_entries = BadEntryLog(self.output / "bad_entries.jsonl").read()
+        if ctx.device.type == "cuda":
+            result.peak_memory_bytes = torch.cuda.max_memory_allocated(ctx.device)
+        return result
+
+    def _flush(self, logger: RunLogger | None, window: dict, samples_per_step: int, result: PretrainResult) -> None:
+        elapsed = time.perf_counter() - window["start"]
+        rates = {
+            "samples_per_s": samples_per_step * window["steps"] / max(elapsed, 1e-9),
+            "data_wait_fraction": window["wait"] / max(elapsed, 1e-9),
+        }
+        if self.ctx.device.type == "cuda":
+            rates["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        if logger is not None:
+            records = logger.flush(extra_for_last_step=rates)
+            result.losses.extend(r["loss"] for r in records)
+            if not sys.stderr.isatty():
+                last = records[-1]
+                print(f"step {last['step']}: loss {last['loss']:.4f} lr {last['lr']:.2e} "
+                      f"{rates['samples_per_s']:.2f} samples/s, data wait {100 * rates['data_wait_fraction']:.0f}%",
+                      file=sys.stderr, flush=True)
+        result.samples_per_s, result.data_wait_fraction = rates["samples_per_s"], rates["data_wait_fraction"]
+        window.update(start=time.perf_counter(), wait=0.0, steps=0)
+
+    def _checkpoint(self, checkpoint_window: list[torch.Tensor], result: PretrainResult) -> None:
+        mean_loss = float(torch.stack(checkpoint_window).mean())
+        checkpoint_window.clear()
+        is_best = mean_loss < self.best_loss
+        if is_best:
+            self.best_loss = mean_loss
+        rng = self._gather_rng()  # a collective: every rank takes part
+        if self.ctx.is_main:
+            result.checkpoint = self.checkpoints.save(self.state_dict(rng), self.step, is_best)
+
+
+def pretrain(cfg: RunConfig | None, manifest: Path, output: Path, max_steps: int | None = None,
+             resume: bool = False, device: str | None = None, splits: tuple[str, ...] | None = None) -> PretrainResult:
+    """Run (or resume) pretraining; returns what rank 0 saw. ``cfg`` may be None only with ``resume``."""
+    ctx = setup_distributed(device)
+    try:
+        if cfg is None and not resume:
+            raise ValueError("a config is needed unless --resume takes it from the checkpoint")
+        run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits)
+        return run.run(max_steps if max_steps is not None else run.cfg.train.total_steps)
+    finally:
+        teardown_distributed(ctx)
