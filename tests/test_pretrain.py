@@ -215,3 +215,17 @@ def test_torchrun_cli(demo_manifest, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
     assert len(_losses(tmp_path)) == 2  # rank 0 alone logs
+
+
+def test_accumulation_ema_and_bf16_autocast(demo_manifest, tmp_path):
+    """The GPU-facing switches run on the CPU too: bf16 autocast, gradient accumulation, EMA."""
+    cfg = load_config("resnet-dae-tiny", FAST + ["train.amp=bf16", "train.grad_accum=2", "train.ema_decay=0.9"])
+    result = pretrain(cfg, demo_manifest, tmp_path, max_steps=2, device="cpu")
+    assert result.final_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["items_seen"] == 2 * 2 * 2  # steps x accumulation x volumes per batch
+    ema = state["ema"]
+    assert int(ema["n_averaged"]) == 2
+    model = state["model"]
+    name = next(k for k in model if k.startswith("encoder.") and model[k].is_floating_point() and model[k].ndim > 1)
+    assert not torch.equal(ema[f"module.{name}"], model[name])  # the average lags the weights
