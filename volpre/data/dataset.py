@@ -1,5 +1,9 @@
 """Pretraining data: manifest entries -> endless, resumable, sharded stream of random crops.
 
+- :class:`CropSource` cuts an entry's random crops: :class:`OnTheFlyCrops` runs the MONAI
+  presets of :mod:`volpre.data.transforms` on every visit; ``volpre.data.cache.CachedCrops``
+  preprocesses each volume once and reads only the crops' regions afterwards. Both cut the
+  same crops for the same generator (corners from :func:`~volpre.data.transforms.draw_crop_starts`).
 - :class:`VolumeGroups` lists what one dataset item draws from: one entry, or (for the
   multi-instance contrastive objective) all scans of one subject.
 - :class:`PretrainDataset` turns an item into ``crops_per_volume`` random crops. Its randomness
@@ -8,6 +12,7 @@
   recorded and replaced by the next item (``on_bad_entry: skip``) or stops the run (``fail``).
 - :class:`InfiniteShardSampler` yields ``(epoch, item)`` forever: a fresh permutation per epoch,
   one disjoint shard per rank, resumable from any position.
+- :func:`crop_loader` is the ``DataLoader`` the trainer (and the benchmarks) feed from.
 """
 
 from __future__ import annotations
@@ -18,37 +23,54 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
+from monai.data import list_data_collate
 from monai.transforms import Compose
 
 from volpre.config import DataConfig, PreprocessConfig
 from volpre.data.errors import VolumeError
 from volpre.data.manifest import ManifestEntry
-from volpre.data.transforms import check_modality, crop_transforms, preprocess_transforms
+from volpre.data.transforms import check_modality, crops_at, draw_crop_starts, preprocess_transforms
 
 log = logging.getLogger(__name__)
 
-VolumeSource = Callable[[ManifestEntry], dict]
-"""Gives the deterministic stage's output for an entry: ``{"image": (C, X, Y, Z) float32, ...}``."""
+
+class CropSource(Protocol):
+    """Cuts ``count`` random crops of one entry's preprocessed volume.
+
+    ``source(entry, count, rng)`` -> ``count`` float32 tensors ``(C, *data.roi)`` (CT windowed to
+    [0, 1], MR z-scores), whose corners come from ``draw_crop_starts(shape, roi, count, rng)``:
+    a pure function of ``rng``'s state and the volume. Raises (typically
+    :class:`~volpre.data.errors.VolumeError`) when the entry cannot be read or preprocessed.
+    """
+
+    def __call__(self, entry: ManifestEntry, count: int, rng: np.random.Generator) -> list[torch.Tensor]: ...
 
 
-class PreprocessOnTheFly:
-    """A :data:`VolumeSource` that runs :func:`preprocess_transforms` on every call (no cache)."""
+def entry_record(entry: ManifestEntry) -> dict:
+    """The MONAI record the deterministic stage reads for pretraining (image only, no label)."""
+    record = entry.to_record()
+    record.pop("label", None)
+    return record
 
-    def __init__(self, cfg: PreprocessConfig):
-        self.cfg = cfg
+
+class OnTheFlyCrops:
+    """A :class:`CropSource` that runs :func:`preprocess_transforms` on every visit (no cache)."""
+
+    def __init__(self, preprocess: PreprocessConfig, data: DataConfig):
+        self.preprocess, self.data = preprocess, data
         self._presets: dict[str, Compose] = {}
 
-    def __call__(self, entry: ManifestEntry) -> dict:
+    def __call__(self, entry: ManifestEntry, count: int, rng: np.random.Generator) -> list[torch.Tensor]:
         modality = check_modality(entry.modality, entry.id)
         if modality not in self._presets:
-            self._presets[modality] = preprocess_transforms(self.cfg, modality)
-        record = entry.to_record()
-        record.pop("label", None)  # pretraining reads images only
-        return self._presets[modality](record)
+            self._presets[modality] = preprocess_transforms(self.preprocess, modality)
+        image = self._presets[modality](entry_record(entry))["image"]
+        starts = draw_crop_starts(image.shape[1:], self.data.roi, count, rng)
+        return crops_at(image, starts, self.preprocess, self.data, modality)
 
 
 @dataclass(frozen=True)
@@ -125,7 +147,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     Each crop: ``image`` float32 tensor ``(C, *roi)`` (CT in [0, 1], MR z-scored) and
     ``subject`` int64 scalar tensor (index of the item's subject, for the multi-instance
     contrastive objective). When an item's group holds several scans (by-subject items), its crops
-    cycle over the scans, starting at a random one.
+    cycle over the scans, starting at a random one. ``crops`` cuts them (default:
+    :class:`OnTheFlyCrops`; the trainer passes the cache's ``CachedCrops``).
     """
 
     def __init__(
@@ -134,15 +157,14 @@ class PretrainDataset(torch.utils.data.Dataset):
         preprocess: PreprocessConfig,
         data: DataConfig,
         seed: int,
-        source: VolumeSource | None = None,
+        crops: CropSource | None = None,
         bad_entries: BadEntryLog | None = None,
     ):
         if len(groups) == 0:
             raise ValueError("no entries to pretrain on: the manifest (or its selected split) is empty")
         self.groups, self.preprocess, self.data, self.seed = groups, preprocess, data, seed
-        self.source = source if source is not None else PreprocessOnTheFly(preprocess)
+        self.crops = crops if crops is not None else OnTheFlyCrops(preprocess, data)
         self.bad_entries = bad_entries if bad_entries is not None else BadEntryLog(None)
-        self._crops: dict[str, Compose] = {}
         self._known_bad: set[str] = set()  # per process: entries that already failed here
 
     def __len__(self) -> int:
@@ -166,11 +188,11 @@ class PretrainDataset(torch.utils.data.Dataset):
         order = [group[(first + k) % len(group)] for k in range(min(len(group), self.data.crops_per_volume))]
         per_entry = [self.data.crops_per_volume // len(order) + (k < self.data.crops_per_volume % len(order))
                      for k in range(len(order))]
-        crops: list[dict] = []
+        crops: list[torch.Tensor] = []
         for entry, count in zip(order, per_entry):
             try:
-                volume = self.source(entry)
-                crops.extend(self._crop(entry, volume, count, int(rng.integers(2**31))))
+                entry_rng = np.random.default_rng(int(rng.integers(2**31)))
+                crops.extend(_checked_finite(entry, self.crops(entry, count, entry_rng)))
             except Exception as error:  # noqa: BLE001 - every failure of one entry is recorded, not fatal
                 if self.data.on_bad_entry == "fail":
                     volume_error = find_volume_error(error)
@@ -183,18 +205,12 @@ class PretrainDataset(torch.utils.data.Dataset):
         subject = torch.tensor(self.groups.subject_index[index], dtype=torch.int64)
         return [{"image": c, "subject": subject} for c in crops]
 
-    def _crop(self, entry: ManifestEntry, volume: dict, count: int, seed: int) -> list[torch.Tensor]:
-        modality = check_modality(entry.modality, entry.id)
-        if modality not in self._crops:
-            self._crops[modality] = crop_transforms(self.preprocess, self.data, modality)
-        transform = self._crops[modality]
-        transform.set_random_state(seed=seed)
-        samples = transform({"image": volume["image"]})
-        images = [torch.as_tensor(s["image"]).float().contiguous() for s in samples[:count]]
-        for image in images:
-            if not torch.isfinite(image).all():
-                raise VolumeError(str(entry.image[0]), "non-finite", "preprocessed crop holds NaN/Inf values")
-        return images
+
+def _checked_finite(entry: ManifestEntry, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    for crop in crops:
+        if not torch.isfinite(crop).all():
+            raise VolumeError(str(entry.image[0]), "non-finite", "preprocessed crop holds NaN/Inf values")
+    return crops
 
 
 class InfiniteShardSampler(torch.utils.data.Sampler):
@@ -222,3 +238,19 @@ class InfiniteShardSampler(torch.utils.data.Sampler):
             for item in self.epoch_items(epoch)[offset:]:
                 yield epoch, item
             epoch, offset = epoch + 1, 0
+
+
+def crop_loader(dataset: PretrainDataset, sampler: Iterable[tuple[int, int]], data: DataConfig,
+                pin_memory: bool) -> torch.utils.data.DataLoader:
+    """The pretraining ``DataLoader``: ``data.num_workers`` persistent workers cut the crops (each
+    reads only its crops' regions from the cache), 4 batches prefetched per worker.
+
+    Each batch: ``image`` float32 ``(data.batch_size * crops_per_volume, C, *roi)`` and
+    ``subject`` int64 ``(data.batch_size * crops_per_volume,)``.
+    """
+    workers = data.num_workers
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=data.batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=list_data_collate, pin_memory=pin_memory,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+    )

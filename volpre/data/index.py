@@ -4,7 +4,8 @@ Headers only: NIfTI/NRRD/MetaImage headers give ``shape`` and ``spacing``; DICOM
 scanned with ``stop_before_pixels``, grouped by SeriesInstanceUID within their folder, sorted
 and checked (see :mod:`volpre.data.dicom`). Whatever cannot be used goes to the manifest's
 ``rejected`` list with the reason: series with problems, 4D images, unreadable files, non-image
-DICOM objects, localizers, single slices. Other files (reports, JSON, PNG, ...) are ignored.
+DICOM objects, localizers, single slices. Other files (reports, JSON, PNG, ...) and hidden
+folders (``.volpre_cache``, ``.git``, ...) are ignored.
 
 It streams: one folder at a time, entries written as they are found, so memory is bounded by
 the largest folder, not the tree (100k files are fine). Folders are visited in sorted order,
@@ -59,7 +60,7 @@ def _walk(paths: Iterable[Path]) -> Iterator[tuple[Path, list[Path]]]:
         if not root.is_dir():
             raise FileNotFoundError(f"volpre index: {root}: no such file or folder")
         for folder, dirs, files in os.walk(root):
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .volpre_cache, .git, ...
             yield Path(folder), [Path(folder) / name for name in sorted(files)]
 
 

@@ -8,6 +8,10 @@ A volume goes through two stages:
    z-score over the foreground. CT stays in Hounsfield units here, so a cache can hold int16.
 2. **Random** (:func:`crop_transforms`; every visit): pad to the crop size -> draw
    ``crops_per_volume`` random crops -> CT only: clip to the HU window and scale to [0, 1].
+   The pretraining stream splits this stage in two, so that a cache can cut the very same crops
+   without loading a whole volume: :func:`draw_crop_starts` draws the corners (a pure function
+   of the generator it is given), :func:`crops_at` cuts them from a whole volume with the same
+   padding and window (``volpre.data.cache`` reads them from disk instead).
 
 Output of stage 2 per crop: ``image`` float32 ``(C, *roi)``; CT in [0, 1], MR z-scores
 (roughly [-3, 5]); ``label`` (when present) float32 ``(1, *roi)`` integer class values.
@@ -23,11 +27,13 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.utils import convert_to_tensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
     MapTransform,
     RandSpatialCropSamplesd,
+    ScaleIntensityRange,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -189,6 +195,28 @@ def preprocess_transforms(cfg: PreprocessConfig, modality: str, with_label: bool
     return Compose(transforms)
 
 
+def _pad_transforms(preprocess: PreprocessConfig, data: DataConfig, modality: str, with_label: bool) -> list:
+    """Pad to ``data.roi`` (symmetrically): CT image with the window's lower bound (air), MR image by
+    repeating its border (background), labels with 0."""
+    if modality == "CT":
+        low = preprocess.ct_window[0]
+        transforms: list = [SpatialPadd(["image"], spatial_size=data.roi, mode="constant", value=low)]
+    else:
+        transforms = [SpatialPadd(["image"], spatial_size=data.roi, mode="replicate")]
+    if with_label:
+        transforms.append(SpatialPadd(["label"], spatial_size=data.roi, mode="constant", value=0))
+    return transforms
+
+
+def window_transform(preprocess: PreprocessConfig, modality: str) -> ScaleIntensityRange | None:
+    """The intensity step that follows a crop: CT clipped to ``ct_window`` and scaled to [0, 1];
+    ``None`` for MR (z-scored in the deterministic stage)."""
+    if modality != "CT":
+        return None
+    low, high = preprocess.ct_window
+    return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+
+
 def crop_transforms(preprocess: PreprocessConfig, data: DataConfig, modality: str, with_label: bool = False) -> Compose:
     """The random stage: pad to ``data.roi``, draw ``data.crops_per_volume`` crops, window CT.
 
@@ -198,18 +226,65 @@ def crop_transforms(preprocess: PreprocessConfig, data: DataConfig, modality: st
     """
     check_modality(modality, "preset")
     keys = ["image", "label"] if with_label else ["image"]
-    transforms: list = []
-    if modality == "CT":
-        low = preprocess.ct_window[0]
-        transforms.append(SpatialPadd(["image"], spatial_size=data.roi, mode="constant", value=low))
-        if with_label:
-            transforms.append(SpatialPadd(["label"], spatial_size=data.roi, mode="constant", value=0))
-    else:
-        transforms.append(SpatialPadd(["image"], spatial_size=data.roi, mode="replicate"))
-        if with_label:
-            transforms.append(SpatialPadd(["label"], spatial_size=data.roi, mode="constant", value=0))
+    transforms = _pad_transforms(preprocess, data, modality, with_label)
     transforms.append(RandSpatialCropSamplesd(keys, roi_size=data.roi, num_samples=data.crops_per_volume, random_size=False))
     if modality == "CT":
         low, high = preprocess.ct_window
         transforms.append(ScaleIntensityRanged(["image"], a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
     return Compose(transforms)
+
+
+# ----------------------------------------------------------------------------- crops at drawn corners
+
+
+def padding_before(shape: Sequence[int], roi: Sequence[int]) -> np.ndarray:
+    """Voxels the random stage pads before each axis: ``max(roi - shape, 0) // 2`` (MONAI's
+    symmetric ``SpatialPad``), int64 ``(3,)``."""
+    return np.maximum(np.asarray(roi, dtype=np.int64) - np.asarray(shape, dtype=np.int64), 0) // 2
+
+
+def draw_crop_starts(shape: Sequence[int], roi: Sequence[int], count: int, rng: np.random.Generator) -> np.ndarray:
+    """Corners of ``count`` random crops, drawn as ``RandSpatialCropSamplesd`` draws them.
+
+    Args:
+        shape: spatial shape ``(X, Y, Z)`` of the preprocessed volume (before padding).
+        roi: crop size ``(X, Y, Z)``.
+        count: number of crops.
+        rng: the only source of randomness (so crops are a pure function of its seed).
+
+    Returns:
+        int64 ``(count, 3)``: each crop's first voxel in the volume padded to ``roi`` as the
+        random stage pads it (so every value lies in ``[0, max(shape, roi) - roi]``).
+    """
+    padded = np.maximum(np.asarray(shape, dtype=np.int64), np.asarray(roi, dtype=np.int64))
+    high = padded - np.asarray(roi, dtype=np.int64) + 1
+    return rng.integers(0, high, size=(count, 3), dtype=np.int64)
+
+
+def crops_at(volume: torch.Tensor, starts: np.ndarray, preprocess: PreprocessConfig, data: DataConfig,
+             modality: str) -> list[torch.Tensor]:
+    """Cut crops at given corners from a whole preprocessed volume, as the random stage does.
+
+    The volume is padded with the random stage's own MONAI ``SpatialPadd`` (see
+    :func:`crop_transforms`), each ``data.roi`` crop is cut at its corner (from
+    :func:`draw_crop_starts`) and CT is windowed.
+
+    Args:
+        volume: ``(C, X, Y, Z)`` output of :func:`preprocess_transforms` (CT in HU, MR z-scored).
+        starts: int ``(N, 3)`` corners in padded coordinates.
+
+    Returns:
+        ``N`` plain float32 tensors (not MetaTensors) ``(C, *roi)``: CT in [0, 1], MR z-scores.
+    """
+    check_modality(modality, "preset")
+    padded = Compose(_pad_transforms(preprocess, data, modality, with_label=False))({"image": volume})["image"]
+    padded = convert_to_tensor(padded, track_meta=False)
+    window = window_transform(preprocess, modality)
+    rx, ry, rz = data.roi
+    crops = []
+    for x, y, z in np.asarray(starts, dtype=np.int64).tolist():
+        crop = padded[:, x : x + rx, y : y + ry, z : z + rz].float()
+        if window is not None:
+            crop = convert_to_tensor(window(crop), track_meta=False)
+        crops.append(crop.contiguous())
+    return crops

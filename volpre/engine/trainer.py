@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
-from monai.data import list_data_collate
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from volpre.config import RunConfig, config_from_dict
-from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups
+from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
+from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups, crop_loader
 from volpre.data.manifest import load_manifest
 from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
@@ -261,15 +261,13 @@ class Pretraining:
     def _batches(self) -> StepBatches:
         cfg, ctx = self.cfg, self.ctx
         bad_log = BadEntryLog(self.output / "bad_entries.jsonl")
-        dataset = PretrainDataset(self.groups, cfg.preprocess, cfg.data, cfg.train.seed, bad_entries=bad_log)
+        # preprocessed once per volume into the node's shared cache (built on first use), crops read from it
+        cache = VolumeCache.create(cache_dir_for(cfg.data, self.manifest_path), cfg.preprocess)
+        dataset = PretrainDataset(self.groups, cfg.preprocess, cfg.data, cfg.train.seed,
+                                  crops=CachedCrops(cache, cfg.data), bad_entries=bad_log)
         sampler = InfiniteShardSampler(len(self.groups), cfg.train.seed, ctx.rank, ctx.world_size,
                                        start=self.step * self.items_per_step)
-        workers = cfg.data.num_workers
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=workers,
-            collate_fn=list_data_collate, pin_memory=ctx.device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-        )
+        loader = crop_loader(dataset, sampler, cfg.data, pin_memory=ctx.device.type == "cuda")
         return StepBatches(DevicePrefetcher(iter(loader), ctx.device, cfg.train.channels_last), cfg.train.grad_accum)
 
     # ------------------------------------------------------------------ step

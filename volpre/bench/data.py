@@ -1,0 +1,292 @@
+"""``volpre bench data``: random-crop throughput of four pipelines on the same CT files.
+
+- ``reference``: the MONAI pipeline a user writes today -- ``LoadImaged``, ``EnsureChannelFirstd``,
+  ``Orientationd`` (RAS), ``Spacingd``, ``ScaleIntensityRanged`` (the CT window), ``CropForegroundd``,
+  ``SpatialPadd``, ``RandSpatialCropSamplesd`` -- in a MONAI ``Dataset`` and ``DataLoader``;
+- ``persistent``: the same with MONAI's ``PersistentDataset`` once its cache is built (its first,
+  cache-building pass is reported as ``persistent_cold``);
+- ``volpre_cold``: volpre's pretraining loader on an empty cache (the first pass builds it);
+- ``volpre_warm``: the same loader once the cache is built.
+
+Every pipeline reads the same entries with the same preprocessing config, crop size, crops per
+volume, batch size and number of workers, and runs in a fresh process (see
+:mod:`volpre.bench.isolated`), after the source files were read once so that every pipeline finds
+them in the page cache. Cold pipelines make exactly one pass; the others make passes until
+``min_seconds`` have elapsed. Reported per pipeline: ``crops``, ``passes``, ``seconds``,
+``crops_per_s``, ``peak_rss_main_bytes`` (the process that collates), ``peak_rss_worker_bytes``
+(the largest DataLoader worker), ``cache_bytes`` (its cache on disk); overall ``cache_bytes``
+(volpre's) and ``int16_bytes`` (the preprocessed voxels at 2 bytes each).
+
+The reference reads files with MONAI's ``LoadImaged``, which reads NIfTI without ITK: the
+benchmark uses the manifest's CT entries stored as one NIfTI file (others are listed as skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import h5py
+import torch
+from monai.data import DataLoader as MonaiDataLoader
+from monai.data import Dataset, PersistentDataset
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+from volpre.bench.isolated import run_isolated
+from volpre.config import DataConfig, PreprocessConfig, RunConfig
+from volpre.data.cache import CachedCrops, VolumeCache, build_cache, entries_to_cache
+from volpre.data.dataset import PretrainDataset, VolumeGroups, crop_loader
+from volpre.data.manifest import ManifestEntry, load_manifest
+from volpre.versions import installed_versions
+
+PIPELINES = ("reference", "persistent", "volpre_cold", "volpre_warm")
+"""The pipelines ``volpre bench data`` measures, in the order it runs them."""
+DEFAULT_MIN_SECONDS = 3.0
+
+
+class BenchError(ValueError):
+    """The benchmark cannot run on the given manifest or options."""
+
+
+@dataclass(frozen=True)
+class DataBenchSetup:
+    """What every measured pipeline gets (pickled into its process)."""
+
+    entries: tuple[ManifestEntry, ...]
+    preprocess: PreprocessConfig
+    data: DataConfig
+    """Crop size, crops per volume, batch size and ``num_workers`` shared by all pipelines."""
+    workdir: Path
+    """Where the pipelines' caches are written (an empty temporary folder)."""
+    min_seconds: float
+    seed: int
+
+    @property
+    def records(self) -> list[dict]:
+        return [{"image": str(e.image[0])} for e in self.entries]
+
+    @property
+    def persistent_dir(self) -> Path:
+        return self.workdir / "monai_persistent"
+
+    @property
+    def volpre_dir(self) -> Path:
+        return self.workdir / "volpre_cache"
+
+
+def reference_transforms(preprocess: PreprocessConfig, data: DataConfig) -> Compose:
+    """The MONAI CT pipeline a user writes today (as in MONAI's self-supervised tutorials)."""
+    low, high = preprocess.ct_window
+    return Compose([
+        LoadImaged("image", image_only=True),
+        EnsureChannelFirstd("image"),
+        Orientationd("image", axcodes="RAS", labels=None),
+        Spacingd("image", pixdim=preprocess.spacing, mode="bilinear"),
+        ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd("image", source_key="image", allow_smaller=True),
+        SpatialPadd("image", spatial_size=data.roi),
+        RandSpatialCropSamplesd("image", roi_size=data.roi, num_samples=data.crops_per_volume, random_size=False),
+    ])
+
+
+def bench_entries(entries: Sequence[ManifestEntry]) -> tuple[list[ManifestEntry], list[ManifestEntry]]:
+    """``(used, skipped)``: CT entries stored as one NIfTI file, which every pipeline can read."""
+    used, skipped = [], []
+    for entry in entries:
+        single_nifti = len(entry.image) == 1 and entry.image[0].name.lower().endswith((".nii", ".nii.gz"))
+        (used if entry.modality == "CT" and single_nifti else skipped).append(entry)
+    return used, skipped
+
+
+# ----------------------------------------------------------------------------- measured in their own process
+
+
+class _PassSampler:
+    """``(epoch, item)`` for every item once, in order; ``epoch`` is set before each pass."""
+
+    def __init__(self, n_items: int):
+        self.n_items, self.epoch = n_items, 0
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __iter__(self):
+        return ((self.epoch, item) for item in range(self.n_items))
+
+
+def _timed_passes(loader, before_pass: Callable[[int], None], min_seconds: float | None) -> dict:
+    """Iterate ``loader`` once (``min_seconds`` None) or until ``min_seconds`` have elapsed."""
+    crops = passes = 0
+    start = time.perf_counter()
+    while True:
+        before_pass(passes)
+        for batch in loader:
+            crops += int(batch["image"].shape[0])
+        passes += 1
+        elapsed = time.perf_counter() - start
+        if min_seconds is None or elapsed >= min_seconds:
+            break
+    return {"crops": crops, "passes": passes, "seconds": elapsed, "crops_per_s": crops / elapsed}
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def measure_monai(setup: DataBenchSetup, persistent: bool, cold: bool) -> dict:
+    """The reference pipeline (``persistent=False``) or the same over MONAI's PersistentDataset."""
+    transform = reference_transforms(setup.preprocess, setup.data)
+    if persistent:
+        dataset = PersistentDataset(setup.records, transform=transform, cache_dir=setup.persistent_dir)
+    else:
+        dataset = Dataset(setup.records, transform=transform)
+    workers = setup.data.num_workers
+    loader = MonaiDataLoader(dataset, batch_size=setup.data.batch_size, shuffle=False, num_workers=workers,
+                             persistent_workers=workers > 0)
+    result = _timed_passes(loader, lambda _: None, None if cold else setup.min_seconds)
+    del loader
+    gc.collect()
+    result["cache_bytes"] = _folder_bytes(setup.persistent_dir) if persistent else 0
+    return result
+
+
+def measure_volpre(setup: DataBenchSetup, cold: bool) -> dict:
+    """volpre's pretraining loader (the trainer's dataset, crop source and DataLoader settings)."""
+    cache = VolumeCache.create(setup.volpre_dir, setup.preprocess)
+    groups = VolumeGroups.build(list(setup.entries), by_subject=False)
+    dataset = PretrainDataset(groups, setup.preprocess, setup.data, setup.seed, crops=CachedCrops(cache, setup.data))
+    sampler = _PassSampler(len(dataset))
+    loader = crop_loader(dataset, sampler, setup.data, pin_memory=False)
+    first_epoch = 0 if cold else 1  # the warm passes draw other crops than the cold one
+
+    def before_pass(index: int) -> None:
+        sampler.epoch = first_epoch + index
+
+    result = _timed_passes(loader, before_pass, None if cold else setup.min_seconds)
+    del loader
+    gc.collect()
+    result["cache_bytes"] = _folder_bytes(setup.volpre_dir)
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _read_once(paths: Sequence[Path]) -> None:
+    """Read every file once, so that no pipeline pays for the first read from disk."""
+    for path in paths:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+
+
+def _stored_voxels(cache: VolumeCache, entries: Sequence[ManifestEntry]) -> int:
+    voxels = 0
+    for entry in entries_to_cache(entries):
+        path = cache.entry_path(entry)
+        if path.exists():
+            with h5py.File(path, "r", locking=False) as f:
+                voxels += int(f["image"].size)
+    return voxels
+
+
+def run_data_bench(manifest_path: Path, cfg: RunConfig, roi: tuple[int, int, int], workers: int,
+                   pipelines: Sequence[str] = PIPELINES, min_seconds: float = DEFAULT_MIN_SECONDS,
+                   say: Callable[[str], None] = print) -> dict:
+    """Measure ``pipelines`` on the CT NIfTI entries of a manifest; return the JSON-ready results.
+
+    ``cfg`` gives the preprocessing and the crops per volume and batch size; ``roi`` and
+    ``workers`` override its ``data.roi`` and ``data.num_workers``.
+    """
+    unknown = [p for p in pipelines if p not in PIPELINES]
+    if unknown:
+        raise BenchError(f"unknown pipeline {unknown[0]!r}: choose from {', '.join(PIPELINES)}")
+    manifest = load_manifest(manifest_path)
+    entries, skipped = bench_entries(manifest.entries)
+    if not entries:
+        raise BenchError(f"manifest {manifest_path}: no CT entry stored as one NIfTI file to benchmark "
+                         f"({len(skipped)} other entries)")
+    if skipped:
+        say(f"skipping {len(skipped)} entries that are not CT in one NIfTI file (e.g. {skipped[0].id})")
+    data = dataclasses.replace(cfg.data, roi=tuple(roi), num_workers=workers)
+    sources = list(entries_to_cache(entries))
+    _read_once([e.image[0] for e in sources])
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="volpre-bench-") as tmp:
+        setup = DataBenchSetup(tuple(entries), cfg.preprocess, data, Path(tmp), min_seconds, cfg.train.seed)
+        for name in PIPELINES:
+            if name not in pipelines:
+                continue
+            say(f"measuring {name} ...")
+            if name == "reference":
+                results[name] = run_isolated(measure_monai, setup, False, False)
+            elif name == "persistent":
+                results["persistent_cold"] = run_isolated(measure_monai, setup, True, True)
+                results[name] = run_isolated(measure_monai, setup, True, False)
+            elif name == "volpre_cold":
+                results[name] = run_isolated(measure_volpre, setup, True)
+            else:
+                if "volpre_cold" not in pipelines:  # build the cache first, untimed
+                    build_cache(entries, VolumeCache.create(setup.volpre_dir, cfg.preprocess), workers)
+                results[name] = run_isolated(measure_volpre, setup, False)
+        if "volpre_cold" in pipelines or "volpre_warm" in pipelines:
+            cache = VolumeCache(setup.volpre_dir, cfg.preprocess)
+            results["cache_bytes"] = _folder_bytes(setup.volpre_dir)
+            results["int16_bytes"] = 2 * _stored_voxels(cache, entries)
+        shutil.rmtree(setup.workdir, ignore_errors=True)
+    results["setup"] = {
+        "manifest": str(Path(manifest_path).resolve()), "entries": len(entries), "sources": len(sources),
+        "roi": list(data.roi), "crops_per_volume": data.crops_per_volume, "batch_size": data.batch_size,
+        "workers": workers, "min_seconds": min_seconds, "spacing": list(cfg.preprocess.spacing),
+        "ct_window": list(cfg.preprocess.ct_window), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "versions": installed_versions(),
+    }
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The measured pipelines as a text table, with ratios against the reference."""
+    reference = results.get("reference", {}).get("crops_per_s")
+    rows = [("pipeline", "crops/s", "x ref", "seconds", "crops", "passes", "RSS main", "RSS worker", "cache")]
+    for name in ("reference", "persistent_cold", "persistent", "volpre_cold", "volpre_warm"):
+        if name not in results:
+            continue
+        r = results[name]
+        ratio = f"{r['crops_per_s'] / reference:.2f}" if reference else "-"
+        rows.append((name, f"{r['crops_per_s']:.2f}", ratio, f"{r['seconds']:.1f}", str(r["crops"]), str(r["passes"]),
+                     _mib(r["peak_rss_main_bytes"]), _mib(r["peak_rss_worker_bytes"]), _mib(r["cache_bytes"])))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    if "int16_bytes" in results:
+        lines.append(f"volpre cache: {_mib(results['cache_bytes'])} on disk = "
+                     f"{results['cache_bytes'] / max(results['int16_bytes'], 1):.2f}x the int16 size of the "
+                     f"preprocessed voxels ({_mib(results['int16_bytes'])})")
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def write_json(results: dict, path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,567 @@
+"""Preprocess once, then read random crops from one on-disk cache shared by every process.
+
+The deterministic stage (:func:`~volpre.data.transforms.preprocess_transforms`: checked read,
+RAS, resampling, foreground crop, MR z-score) runs once per volume; the result is stored so that
+a random crop reads and decompresses only the chunks it overlaps, never the whole volume.
+
+**Layout.** ``<cache_dir>/<config_hash>/<name>-<key>.h5``, one HDF5 file per distinct source:
+
+- ``config_hash`` is :func:`volpre.config.config_hash` of the ``preprocess`` section, so runs with
+  other preprocessing never see each other's entries;
+- ``key`` hashes the entry's image paths, ``series_uid`` and modality (manifest entries that name
+  the same files under different ids share one cache entry; ``name`` is the first image's name,
+  for people browsing the folder);
+- dataset ``image``: ``(C, X, Y, Z)`` int16 for CT (Hounsfield units rounded to the nearest
+  integer) or float16 for MR (z-scores rounded to the nearest float16); chunks of
+  :data:`CHUNK_EDGE`\\ ^3 voxels, byte-shuffled and LZF-compressed (about 0.6 of the int16 size on
+  noisy CT), each with a Fletcher-32 checksum that HDF5 verifies on every read; file metadata is
+  checksummed too (HDF5 >= 1.10 format);
+- attribute ``volpre_cache``: the entry's record (JSON) -- the sidecar: cache format, volpre and
+  MONAI versions, preprocessing config and its hash, the entry (paths, series, modality), the
+  source's identity (per file: size, mtime, SHA-256 of its first :data:`HEAD_BYTES` bytes; a DICOM
+  series directory lists every file under it; a ``.mhd``/``.nhdr`` header adds its data file),
+  shape, dtype and affine. Keeping the record inside the data file lets one ``rename`` commit
+  both: there is never a record without its voxels or voxels under a stale record.
+
+**Rounding** (the only difference from the volume the presets compute in memory): CT HU are
+rounded to integers (|error| <= 0.5 HU, i.e. <= 0.5 / (window high - window low) after the
+window: 2.5e-4 for the default [-1000, 1000]); MR z-scores to float16 (relative error <= 2^-11).
+
+**Validity.** An entry is used only if its file opens, its record matches the current format,
+versions, config and entry, its shape and dtype match the record, and its source files still have
+the recorded identity (checked once per process per entry file, see :class:`VolumeCache`); any
+mismatch invalidates that entry only, which is rebuilt in place. A chunk whose checksum fails
+while a crop is read marks the entry corrupt: it is rebuilt and the crop is cut from the rebuilt
+volume, never from damaged data.
+
+**Concurrency.** A builder writes a private temporary file in the entry's folder, ``fsync``\\ s
+it and ``os.replace``\\ s it onto the entry's name (then ``fsync``\\ s the folder). Readers open
+the file once per crop read, so they see either the old complete file or the new one; a reader
+with the old one open keeps reading it. Two processes that build the same entry at once (other
+workers, DDP ranks, or nodes) both write complete files and the last rename wins: one valid
+entry, some work done twice. This holds on local filesystems and on shared ones whose rename is
+atomic within a directory (NFSv3/v4, Lustre, GPFS, BeeGFS); HDF5 file locking is switched off
+because NFS locks are unreliable, and no lock is needed since nothing is ever written in place.
+A builder killed mid-write leaves only its temporary file, which ``volpre cache`` deletes once
+it is an hour old.
+
+**Memory.** Nothing is held per volume: each crop read opens the file, reads the chunks under
+the crop (through the page cache, shared by every worker and rank of a node) and closes it. A
+process remembers only which entry files it has validated (a few numbers per entry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import h5py
+import monai
+import numpy as np
+import torch
+from monai.utils import convert_to_tensor
+
+from volpre import __version__
+from volpre.config import ConfigError, DataConfig, PreprocessConfig, config_hash
+from volpre.data.dataset import entry_record, find_volume_error
+from volpre.data.errors import VolumeError
+from volpre.data.manifest import ManifestEntry
+from volpre.data.readers import source_files
+from volpre.data.transforms import (
+    check_modality,
+    draw_crop_starts,
+    padding_before,
+    preprocess_transforms,
+    window_transform,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+"""Version of the layout above; entries of another format are rebuilt."""
+CHUNK_EDGE = 32
+"""Edge of the cubic HDF5 chunks (64 KiB of int16): a 64^3 crop touches at most 27 of them."""
+HEAD_BYTES = 8192
+"""Bytes of each source file hashed into the source identity (headers sit at the start)."""
+RECORD_ATTR = "volpre_cache"
+DEFAULT_DIR_NAME = ".volpre_cache"
+STALE_TEMP_AGE_S = 3600.0
+"""Temporary files older than this are leftovers of killed builders
+(see :meth:`VolumeCache.remove_stale_temporaries`)."""
+_TEMP_SUFFIX = ".tmp"
+_INT16 = np.iinfo(np.int16)
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class CacheError(OSError):
+    """The cache folder cannot be created or written."""
+
+
+def cache_dir_for(data: DataConfig, manifest_path: Path) -> Path:
+    """``data.cache_dir``, or ``<manifest dir>/.volpre_cache`` when it is None."""
+    if data.cache_dir is not None:
+        return Path(data.cache_dir).expanduser()
+    return Path(manifest_path).resolve().parent / DEFAULT_DIR_NAME
+
+
+# ----------------------------------------------------------------------------- source identity
+
+
+def source_identity(entry: ManifestEntry) -> list[dict]:
+    """Per source file of ``entry``: ``path``, ``size``, ``mtime_ns`` and ``head_sha256`` (of its
+    first :data:`HEAD_BYTES` bytes). Raises ``VolumeError(kind="missing")`` for a missing image."""
+    identity = []
+    for image in entry.image:
+        if not Path(image).exists():
+            raise VolumeError(image, "missing", "no such file or directory")
+        for path in source_files(Path(image)):
+            stat = path.stat()
+            with open(path, "rb") as handle:
+                head = hashlib.sha256(handle.read(HEAD_BYTES)).hexdigest()
+            identity.append({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                             "head_sha256": head})
+    return identity
+
+
+def _identity_change(recorded: list[dict], current: list[dict]) -> str | None:
+    """What differs between two source identities (None when equal), naming the first file."""
+    if recorded == current:
+        return None
+    old = {f["path"]: f for f in recorded}
+    new = {f["path"]: f for f in current}
+    for path in sorted(set(old) | set(new)):
+        if path not in new:
+            return f"source file {path} is gone"
+        if path not in old:
+            return f"source file {path} is new"
+        changed = [k for k in ("size", "mtime_ns", "head_sha256") if old[path].get(k) != new[path][k]]
+        if changed:
+            return f"source file {path} changed ({', '.join(changed)})"
+    return "source files changed"
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def to_storage(image: np.ndarray, modality: str, where: str) -> np.ndarray:
+    """The cached form of a preprocessed volume: CT HU rounded to int16 (saturating at its limits),
+    MR float16. Raises ``VolumeError(kind="non-finite")`` if an MR value exceeds float16's range."""
+    if modality == "CT":
+        return np.clip(np.rint(image), _INT16.min, _INT16.max).astype(np.int16)
+    peak = float(np.abs(image).max()) if image.size else 0.0
+    if peak > _FLOAT16_MAX:
+        raise VolumeError(where, "non-finite", f"preprocessed MR value {peak:.4g} exceeds float16's range "
+                                               f"(+-{_FLOAT16_MAX:.0f}) used by the cache; expected z-scores")
+    return image.astype(np.float16)
+
+
+def write_entry(path: Path, image: np.ndarray, record: dict) -> None:
+    """Write one entry file atomically: a private temporary file, fsync, rename onto ``path``."""
+    token = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
+    temp = path.with_name(f"{path.name}.{token}{_TEMP_SUFFIX}")
+    chunks = (1, *(min(CHUNK_EDGE, s) for s in image.shape[1:]))
+    try:
+        with h5py.File(temp, "w", libver=("v110", "latest"), locking=False) as f:
+            f.create_dataset("image", data=image, chunks=chunks, compression="lzf", shuffle=True, fletcher32=True)
+            f.attrs[RECORD_ATTR] = json.dumps(record)
+        _fsync(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class StoredVolume:
+    """A validated cache entry: ``image`` ``(C, X, Y, Z)`` int16 (CT HU) or float16 (MR), either
+    the open HDF5 dataset (slicing reads only the chunks needed) or, right after a build, the
+    array in memory."""
+
+    image: h5py.Dataset | np.ndarray
+    path: Path
+    built: bool
+    """True when this call built the entry (``image`` is then in memory)."""
+    _file: h5py.File | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.image.shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> StoredVolume:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class EntryStatus:
+    """What :meth:`VolumeCache.ensure` did for one entry."""
+
+    entry_id: str
+    path: Path
+    built: bool
+    reason: str
+    """Why it was (re)built (``missing``, ``source file ... changed``, ``corrupt: ...``), or ``up to date``."""
+    voxels: int
+    """Voxels of the stored volume (all channels)."""
+    file_bytes: int
+
+
+class VolumeCache:
+    """Preprocessed volumes on disk, keyed by source, for one preprocessing config.
+
+    Build with :meth:`create` (which checks the folder is writable). :meth:`load` returns a
+    valid entry, building it first when it is missing, stale or corrupt. Each process remembers
+    the ``(device, inode, size, mtime)`` of the entry files it has validated, so a validated file
+    costs one ``open`` per read; another process's rebuild gives the file a new inode, which is
+    validated again. A source file changed after its entry was validated in a process is noticed
+    by processes started afterwards (every new run, every restarted worker).
+    """
+
+    def __init__(self, root: Path, preprocess: PreprocessConfig):
+        self.root, self.preprocess = Path(root), preprocess
+        self.config_hash = config_hash(preprocess)
+        self.directory = self.root / self.config_hash
+        self._validated: dict[str, tuple[int, int, int, int]] = {}
+
+    @classmethod
+    def create(cls, root: Path, preprocess: PreprocessConfig) -> VolumeCache:
+        """A cache under ``root``; raises :class:`CacheError` if its folder cannot be written and
+        :class:`~volpre.config.ConfigError` if the CT window does not fit the int16 cache."""
+        low, high = preprocess.ct_window
+        if low < _INT16.min or high > _INT16.max:
+            raise ConfigError(f"preprocess.ct_window {[low, high]} must lie within [{_INT16.min}, {_INT16.max}] HU: "
+                              "the cache stores CT as int16 Hounsfield units")
+        cache = cls(root, preprocess)
+        probe = cache.directory / f".write-test.{socket.gethostname()}.{os.getpid()}{_TEMP_SUFFIX}"
+        try:
+            cache.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CacheError(f"data.cache_dir: cannot write the cache folder {cache.directory}: "
+                             f"{exc.strerror or exc}; set data.cache_dir to a writable folder") from exc
+        return cache
+
+    # ------------------------------------------------------------------ naming
+
+    @staticmethod
+    def entry_spec(entry: ManifestEntry) -> dict:
+        """What a cache entry is built from: image paths, series and modality."""
+        return {"image": [str(p) for p in entry.image], "series_uid": entry.series_uid, "modality": entry.modality}
+
+    def entry_path(self, entry: ManifestEntry) -> Path:
+        """``<directory>/<first image name>-<key>.h5``."""
+        key = hashlib.sha256(json.dumps(self.entry_spec(entry), sort_keys=True).encode()).hexdigest()[:24]
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(entry.image[0]).name)[:40]
+        return self.directory / f"{name}-{key}.h5"
+
+    # ------------------------------------------------------------------ reading
+
+    def load(self, entry: ManifestEntry) -> StoredVolume:
+        """A valid entry for ``entry`` (built now if missing, stale or corrupt); close it after use.
+
+        Raises whatever preprocessing raises for a bad source (``VolumeError`` and the like).
+        """
+        path = self.entry_path(entry)
+        opened = self._open_valid(entry, path)
+        if isinstance(opened, StoredVolume):
+            return opened
+        return self.build(entry, reason=opened)
+
+    def _open_valid(self, entry: ManifestEntry, path: Path) -> StoredVolume | str:
+        """The open entry, or why it cannot be used."""
+        try:
+            handle = h5py.File(path, "r", locking=False)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            return f"corrupt: {path.name} does not open as HDF5 ({_one_line(exc)})"
+        try:
+            stat = os.fstat(handle.id.get_vfd_handle())
+            fingerprint = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            image = handle["image"]
+            if self._validated.get(str(path)) != fingerprint:
+                problem = self._record_problem(entry, handle, image)
+                if problem is not None:
+                    handle.close()
+                    return problem
+                self._validated[str(path)] = fingerprint
+            return StoredVolume(image=image, path=path, built=False, _file=handle)
+        except VolumeError:  # the source itself is unusable (e.g. gone): a bad entry, not a bad cache file
+            handle.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            handle.close()
+            return f"corrupt: {path.name}: {_one_line(exc)}"
+
+    def _record_problem(self, entry: ManifestEntry, handle: h5py.File, image: h5py.Dataset) -> str | None:
+        record = json.loads(handle.attrs[RECORD_ATTR])
+        expected = {"format": CACHE_FORMAT, "volpre": __version__, "monai": monai.__version__,
+                    "config_hash": self.config_hash, "entry": self.entry_spec(entry)}
+        for key, value in expected.items():
+            if record.get(key) != value:
+                return f"stale: built with {key} {record.get(key)!r}, now {value!r}"
+        if list(image.shape) != record["shape"] or str(image.dtype) != record["dtype"]:
+            return (f"corrupt: {handle.filename} holds {image.dtype} {list(image.shape)}, its record says "
+                    f"{record['dtype']} {record['shape']}")
+        change = _identity_change(record["source"], source_identity(entry))
+        return None if change is None else f"stale: {change}"
+
+    # ------------------------------------------------------------------ building
+
+    def build(self, entry: ManifestEntry, reason: str = "missing") -> StoredVolume:
+        """Run the deterministic stage on ``entry``, store it, and return it in memory."""
+        modality = check_modality(entry.modality, entry.id)
+        path = self.entry_path(entry)
+        if reason.startswith("corrupt"):
+            log.warning("cache entry %s for %s is %s; rebuilding it", path, entry.id, reason)
+        elif reason.startswith("stale"):
+            log.info("rebuilding cache entry %s for %s (%s)", path, entry.id, reason)
+        source = source_identity(entry)  # before reading: a change during the build shows next time
+        volume = preprocess_transforms(self.preprocess, modality)(entry_record(entry))["image"]
+        stored = to_storage(np.asarray(volume.detach().cpu().numpy()), modality, str(entry.image[0]))
+        record = {
+            "format": CACHE_FORMAT, "volpre": __version__, "monai": monai.__version__,
+            "config_hash": self.config_hash, "preprocess": dataclasses.asdict(self.preprocess),
+            "entry": self.entry_spec(entry), "source": source,
+            "shape": list(stored.shape), "dtype": str(stored.dtype),
+            "affine": np.asarray(volume.affine, dtype=np.float64).tolist(),
+            "built_by": {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()},
+        }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_entry(path, stored, record)
+        self._validated.pop(str(path), None)
+        return StoredVolume(image=stored, path=path, built=True)
+
+    def ensure(self, entry: ManifestEntry) -> EntryStatus:
+        """Make ``entry`` valid, reading every chunk of an existing entry (so every checksum is
+        verified); rebuild it if anything is wrong."""
+        path = self.entry_path(entry)
+        opened = self._open_valid(entry, path)
+        if isinstance(opened, StoredVolume):
+            with opened:
+                try:
+                    for chunk in opened.image.iter_chunks():
+                        opened.image[chunk]
+                    return EntryStatus(entry.id, path, False, "up to date", int(np.prod(opened.shape)),
+                                       path.stat().st_size)
+                except OSError as exc:
+                    opened = f"corrupt: {path.name}: {_one_line(exc)}"
+        with self.build(entry, reason=opened) as stored:
+            return EntryStatus(entry.id, path, True, opened, int(np.prod(stored.shape)), path.stat().st_size)
+
+    def remove_stale_temporaries(self, max_age_s: float = STALE_TEMP_AGE_S) -> int:
+        """Delete temporary files older than ``max_age_s`` (left by killed builders); return how many."""
+        removed, now = 0, time.time()
+        for temp in self.directory.glob(f"*{_TEMP_SUFFIX}"):
+            try:
+                if now - temp.stat().st_mtime > max_age_s:
+                    temp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # another process removed it first
+                continue
+        return removed
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Sequence[int], modality: str,
+              preprocess: PreprocessConfig) -> torch.Tensor:
+    """One crop of a stored volume, reading only the region under it, as the random stage cuts it.
+
+    Args:
+        image: ``(C, X, Y, Z)`` stored volume (int16 CT HU or float16 MR).
+        start: the crop's corner in the volume padded to ``roi`` (from ``draw_crop_starts``).
+        roi: crop size ``(X, Y, Z)``.
+
+    Returns:
+        plain float32 tensor ``(C, *roi)``: CT windowed to [0, 1], MR z-scores. Voxels outside the volume are
+        padded as ``crop_transforms`` pads (CT: the window's low end; MR: the nearest border
+        voxel), which reproduces MONAI's symmetric ``SpatialPad`` followed by the crop.
+    """
+    shape = np.asarray(image.shape[1:], dtype=np.int64)
+    size = np.asarray(roi, dtype=np.int64)
+    first = np.asarray(start, dtype=np.int64) - padding_before(shape, size)  # in volume voxels; < 0 in padding
+    lo, hi = np.maximum(first, 0), np.minimum(first + size, shape)
+    region = np.asarray(image[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], dtype=np.float32)
+    pad = [(0, 0)] + [(int(a), int(b)) for a, b in zip(lo - first, first + size - hi)]
+    if any(p != (0, 0) for p in pad):
+        if modality == "CT":
+            region = np.pad(region, pad, mode="constant", constant_values=preprocess.ct_window[0])
+        else:
+            region = np.pad(region, pad, mode="edge")
+    crop = torch.from_numpy(region)
+    window = window_transform(preprocess, modality)
+    if window is not None:
+        crop = convert_to_tensor(window(crop), track_meta=False)
+    return crop.contiguous()
+
+
+class CachedCrops:
+    """A :class:`~volpre.data.dataset.CropSource` reading crops from a :class:`VolumeCache`.
+
+    The first visit of a volume builds its entry (and cuts the crops from the volume in memory);
+    later visits read only the chunks under each crop. The crops equal those of
+    :class:`~volpre.data.dataset.OnTheFlyCrops` for the same generator, up to the cache's
+    rounding (see the module docstring).
+    """
+
+    def __init__(self, cache: VolumeCache, data: DataConfig):
+        self.cache, self.data = cache, data
+
+    def __call__(self, entry: ManifestEntry, count: int, rng: np.random.Generator) -> list[torch.Tensor]:
+        modality = check_modality(entry.modality, entry.id)
+        state = rng.bit_generator.state
+        with self.cache.load(entry) as stored:
+            try:
+                return self._cut(stored, modality, count, rng)
+            except OSError as exc:  # a chunk failed its checksum or could not be read
+                if stored.built:
+                    raise
+                reason = f"corrupt: {stored.path.name}: {_one_line(exc)}"
+        rng.bit_generator.state = state  # the same corners, from the rebuilt volume
+        with self.cache.build(entry, reason=reason) as rebuilt:
+            return self._cut(rebuilt, modality, count, rng)
+
+    def _cut(self, stored: StoredVolume, modality: str, count: int, rng: np.random.Generator) -> list[torch.Tensor]:
+        starts = draw_crop_starts(stored.shape[1:], self.data.roi, count, rng)
+        return [read_crop(stored.image, start, self.data.roi, modality, self.cache.preprocess) for start in starts]
+
+
+def entries_to_cache(entries: Sequence[ManifestEntry]) -> Iterator[ManifestEntry]:
+    """``entries`` without repeats of the same source (entries that would share one cache entry)."""
+    seen: set[str] = set()
+    for entry in entries:
+        spec = json.dumps(VolumeCache.entry_spec(entry), sort_keys=True)
+        if spec not in seen:
+            seen.add(spec)
+            yield entry
+
+
+# ----------------------------------------------------------------------------- building a whole manifest
+
+
+@dataclass(frozen=True)
+class EntryFailure:
+    """An entry whose volume could not be preprocessed (as ``volpre check`` words it)."""
+
+    entry_id: str
+    path: str
+    kind: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.entry_id}: {self.path}: {self.kind}: {self.reason}"
+
+
+@dataclass
+class CacheReport:
+    """What :func:`build_cache` found and did."""
+
+    directory: Path
+    n_entries: int
+    statuses: list[EntryStatus]
+    failures: list[EntryFailure]
+    removed_temporaries: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def file_bytes(self) -> int:
+        """Bytes on disk of this manifest's entries."""
+        return sum(s.file_bytes for s in self.statuses)
+
+    @property
+    def int16_bytes(self) -> int:
+        """Bytes the stored voxels take uncompressed (2 per voxel: int16 CT, float16 MR)."""
+        return 2 * sum(s.voxels for s in self.statuses)
+
+    def summary(self) -> str:
+        built = sum(s.built for s in self.statuses)
+        n_sources = len(self.statuses) + len(self.failures)
+        lines = [
+            f"cache {self.directory}: {n_sources} sources ({self.n_entries} entries): {built} built, "
+            f"{len(self.statuses) - built} up to date, {len(self.failures)} failed",
+            f"{self.file_bytes / 2**20:.1f} MiB on disk for {self.int16_bytes / 2**20:.1f} MiB of voxels at 2 bytes "
+            f"each ({self.file_bytes / max(self.int16_bytes, 1):.2f}x)",
+        ]
+        if self.removed_temporaries:
+            lines.append(f"removed {self.removed_temporaries} temporary files left by interrupted builds")
+        return "\n".join(lines)
+
+
+class _EnsureEach(torch.utils.data.Dataset):
+    """``dataset[i]`` makes source ``i``'s entry valid: its :class:`EntryStatus` or :class:`EntryFailure`."""
+
+    def __init__(self, cache: VolumeCache, entries: Sequence[ManifestEntry]):
+        self.cache, self.entries = cache, entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> EntryStatus | EntryFailure:
+        entry = self.entries[index]
+        try:
+            return self.cache.ensure(entry)
+        except Exception as error:  # noqa: BLE001 - one bad source is reported, not fatal
+            volume_error = find_volume_error(error)
+            if volume_error is not None:
+                return EntryFailure(entry.id, volume_error.path, volume_error.kind, volume_error.reason)
+            return EntryFailure(entry.id, str(entry.image[0]), "error", f"{type(error).__name__}: {error}")
+
+
+def _as_is(item):
+    return item
+
+
+def build_cache(entries: Sequence[ManifestEntry], cache: VolumeCache, workers: int,
+                on_result: Callable[[EntryStatus | EntryFailure], None] | None = None) -> CacheReport:
+    """Make every distinct source of ``entries`` a valid cache entry, ``workers`` processes at a time.
+
+    Existing entries are read in full (every chunk checksum verified); missing, stale or corrupt
+    ones are built. Temporary files left by killed builders are removed first.
+    """
+    removed = cache.remove_stale_temporaries()
+    sources = list(entries_to_cache(entries))
+    loader = torch.utils.data.DataLoader(_EnsureEach(cache, sources), batch_size=None, shuffle=False,
+                                         num_workers=workers, collate_fn=_as_is)
+    statuses: list[EntryStatus] = []
+    failures: list[EntryFailure] = []
+    for result in loader:
+        (statuses if isinstance(result, EntryStatus) else failures).append(result)
+        if on_result is not None:
+            on_result(result)
+    return CacheReport(cache.directory, len(entries), statuses, failures, removed)
