@@ -68,6 +68,28 @@ def _cmd_manifest_to_decathlon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from volpre.config import load_config
+    from volpre.data.cache import VolumeCache, build_cache, cache_dir_for
+    from volpre.data.manifest import load_manifest
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = load_manifest(args.manifest)
+    entries = manifest.entries if args.split is None else manifest.by_split(args.split)
+    cache = VolumeCache.create(cache_dir_for(cfg.data, args.manifest), cfg.preprocess)
+    workers = cfg.data.num_workers if args.workers is None else args.workers
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+
+    def show(result) -> None:
+        if hasattr(result, "line"):
+            print(result.line(), flush=True)
+
+    report = build_cache(entries, cache, workers, on_result=show)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -87,6 +109,74 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         print(f"step {result.final_step}: checkpoint {result.checkpoint}")
     if result.bad_entries:
         print(f"{len(result.bad_entries)} bad entries were skipped; see {Path(args.output) / 'bad_entries.jsonl'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _roi(text: str) -> tuple[int, int, int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3) or any(v < 1 for v in values):
+        raise UserError(f"--roi takes one edge or three comma-separated sizes, all >= 1 (e.g. 64 or 96,96,64), "
+                        f"got {text!r}")
+    return tuple(values * 3 if len(values) == 1 else values)
+
+
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    from volpre.bench.data import PIPELINES, format_table, run_data_bench, write_json
+    from volpre.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    pipelines = [p.strip() for p in args.pipelines.split(",")] if args.pipelines else list(PIPELINES)
+    unknown = [p for p in pipelines if p not in PIPELINES]
+    if unknown:
+        raise UserError(f"--pipelines: unknown pipeline {unknown[0]!r}; choose from {', '.join(PIPELINES)}")
+    workers = cfg.data.num_workers if args.workers is None else args.workers
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    if args.min_seconds <= 0:
+        raise UserError(f"--min-seconds must be > 0, got {args.min_seconds}")
+    results = run_data_bench(args.manifest, cfg, _roi(args.roi), workers, pipelines, args.min_seconds,
+                             say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(results))
+    if args.json is not None:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_bench_step(args: argparse.Namespace) -> int:
+    import json
+
+    from volpre.bench.step import format_step_table, run_step_bench
+    from volpre.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    result = run_step_bench(cfg, args.manifest, args.steps, args.warmup, args.device,
+                            say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_step_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_bench_ct_volumes(args: argparse.Namespace) -> int:
+    from volpre.bench.volumes import write_bench_ct
+
+    try:
+        manifest = write_bench_ct(args.out, volumes=args.volumes, entries=args.entries, shape=tuple(args.shape),
+                                  spacing=tuple(args.spacing), seed=args.seed)
+    except (ValueError, FileExistsError) as error:
+        raise UserError(str(error)) from error
+    print(f"wrote {args.volumes} CT volumes of {'x'.join(map(str, args.shape))} voxels; manifest: {manifest}")
     return 0
 
 
@@ -143,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path)
     q.set_defaults(run=_cmd_manifest_to_decathlon)
 
+    p = sub.add_parser("cache", help="preprocess every volume once into the crop cache (exit 1 if any fails)",
+                       description="Run the deterministic preprocessing (checked read, RAS, resampling, foreground "
+                       "crop, MR z-score) once per volume of a manifest and store it where pretraining reads its "
+                       "random crops from (data.cache_dir; default: .volpre_cache beside the manifest). Existing "
+                       "entries are verified in full; missing, stale (source, config or version changed) and "
+                       "corrupt ones are rebuilt. `volpre pretrain` does the same on first use of each volume.")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--config", required=True, help="shipped config name or a YAML path (its preprocess and data "
+                   "sections apply)")
+    p.add_argument("--workers", type=int, help="processes building entries (default: data.num_workers)")
+    p.add_argument("--split", help="cache only entries of this split")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cache_dir=/scratch/c")
+    p.set_defaults(run=_cmd_cache)
+
     p = sub.add_parser("pretrain", help="pretrain an encoder (one process, or many under torchrun)",
                        description="Pretrain an encoder on a manifest's volumes. Writes OUTPUT/metrics.jsonl, "
                        "OUTPUT/checkpoints/ (last.pt, best.pt, step_*.pt) and TensorBoard events under "
@@ -157,6 +261,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="comma-separated manifest splits to pretrain on (default: every entry)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(run=_cmd_pretrain)
+
+    p = sub.add_parser("bench", help="benchmarks: data throughput, training step breakdown, benchmark volumes")
+    bsub = p.add_subparsers(dest="bench_command", metavar="ACTION")
+    bsub.required = True
+    q = bsub.add_parser("data", help="random-crop throughput: plain MONAI, PersistentDataset, volpre cold and warm",
+                        description="Measure, on the same CT NIfTI files, crops/s, seconds, peak memory and cache "
+                        "size of (a) the plain MONAI pipeline, (b) the same with MONAI's PersistentDataset, (c) "
+                        "volpre's loader building its cache and (d) volpre's loader on the built cache. Prints a "
+                        "table with ratios against (a).")
+    q.add_argument("manifest", type=Path)
+    q.add_argument("--roi", required=True, metavar="R", help="crop size: one edge (64) or X,Y,Z (96,96,64)")
+    q.add_argument("--workers", type=int, help="DataLoader workers of every pipeline (default: data.num_workers)")
+    q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    q.add_argument("--config", default="swin-dae", help="config whose preprocess and data sections apply "
+                   "(default: swin-dae)")
+    q.add_argument("--pipelines", help="comma-separated subset of reference,persistent,volpre_cold,volpre_warm "
+                   "(default: all)")
+    q.add_argument("--min-seconds", type=float, default=3.0, help="warm pipelines repeat passes until this long "
+                   "(default: 3)")
+    q.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. preprocess.spacing=[2,2,2]")
+    q.set_defaults(run=_cmd_bench_data)
+    q = bsub.add_parser("step", help="steady-state pretraining step: data wait, host-to-device, forward, backward, "
+                        "optimizer", description="Time the phases of pretraining steps with the run's model, "
+                        "optimizer and crop stream on a warm cache; print each phase's share and samples/s.")
+    q.add_argument("--config", required=True, help="shipped config name or a YAML path")
+    q.add_argument("--manifest", type=Path, help="default: the demo data (4 subjects), written to a temporary folder")
+    q.add_argument("--steps", type=int, default=20, help="measured steps (default: 20)")
+    q.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default: 3)")
+    q.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_workers=2")
+    q.set_defaults(run=_cmd_bench_step)
+    q = bsub.add_parser("ct-volumes", help="write CT volumes of realistic size for `bench data` (deterministic)",
+                        description="Resample the demo CT phantoms to SHAPE voxels of SPACING mm, add 12 HU of "
+                        "noise and write int16 .nii.gz files and OUT/manifest.json (ENTRIES entries cycling over "
+                        "the VOLUMES files).")
+    q.add_argument("out", type=Path)
+    q.add_argument("--volumes", type=int, default=20)
+    q.add_argument("--entries", type=int, help="manifest entries (default: one per volume)")
+    q.add_argument("--shape", type=int, nargs=3, default=[256, 256, 200], metavar=("X", "Y", "Z"))
+    q.add_argument("--spacing", type=float, nargs=3, default=[1.4, 1.4, 1.6], metavar=("X", "Y", "Z"))
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(run=_cmd_bench_ct_volumes)
     return parser
 
 
@@ -167,6 +315,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from volpre.data.manifest import ManifestError
 
     types: list[type[BaseException]] = [UserError, ConfigError, ManifestError, VolumeError, FileNotFoundError]
+    if "volpre.data.cache" in sys.modules:  # imported by the commands that can raise it
+        types.append(sys.modules["volpre.data.cache"].CacheError)
+    if "volpre.bench.data" in sys.modules:
+        types.append(sys.modules["volpre.bench.data"].BenchError)
     if "volpre.engine.checkpoint" in sys.modules:  # imported by the commands that can raise it
         types.append(sys.modules["volpre.engine.checkpoint"].CheckpointError)
     return tuple(types)
