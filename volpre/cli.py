@@ -180,6 +180,23 @@ def _cmd_bench_ct_volumes(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from volpre.export import export_bundle
+
+    try:
+        bundle = export_bundle(args.checkpoint, args.task, args.out, network=args.network, manifest=args.manifest,
+                               modality=args.modality, out_channels=args.out_channels,
+                               roi_size=tuple(args.roi) if args.roi else None, weights=args.weights)
+    except (ValueError, FileExistsError) as error:  # arguments that do not fit the checkpoint or task
+        raise UserError(str(error)) from error
+    print(f"wrote {args.task} bundle {bundle}")
+    print(f"fine-tune: see {bundle / 'docs' / 'README.md'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -262,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(run=_cmd_pretrain)
 
+    p = sub.add_parser("export", help="build a MONAI bundle (segmentation or survival) from a pretraining checkpoint",
+                       description="Build a MONAI bundle that fine-tunes the checkpoint's encoder: SwinUNETR (Swin "
+                       "encoders) or FlexibleUNet (ResNet encoders) for segmentation, SurvivalNet for survival. The "
+                       "encoder weights are mapped to MONAI key names and loaded strictly; the bundle runs with "
+                       "`python -m monai.bundle run` (see DIR/docs/README.md).")
+    p.add_argument("checkpoint", type=Path, help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
+    p.add_argument("--task", required=True, choices=["segmentation", "survival"])
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to create (must not exist or be empty)")
+    p.add_argument("--network", choices=["swinunetr", "flexibleunet", "survivalnet"],
+                   help="default: the one fitting the task and the checkpoint's encoder")
+    p.add_argument("--manifest", type=Path, help="manifest the bundle fine-tunes on by default "
+                   "(its entries' split: train/val/test); override at run time with --manifest")
+    p.add_argument("--modality", choices=["CT", "MR"], default="CT", help="entries and preset the bundle uses")
+    p.add_argument("--out-channels", type=int, help="segmentation: number of classes including background")
+    p.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="crop size for fine-tuning (default: the pretraining crop; SwinUNETR needs >= 64)")
+    p.add_argument("--weights", choices=["model", "ema"], default="model",
+                   help="export the trained weights or their moving average (if the run kept one)")
+    p.set_defaults(run=_cmd_export)
+
     p = sub.add_parser("bench", help="benchmarks: data throughput, training step breakdown, benchmark volumes")
     bsub = p.add_subparsers(dest="bench_command", metavar="ACTION")
     bsub.required = True
@@ -321,6 +358,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         types.append(sys.modules["volpre.bench.data"].BenchError)
     if "volpre.engine.checkpoint" in sys.modules:  # imported by the commands that can raise it
         types.append(sys.modules["volpre.engine.checkpoint"].CheckpointError)
+    if "volpre.export.weights" in sys.modules:
+        types.append(sys.modules["volpre.export.weights"].WeightsError)
     return tuple(types)
 
 

@@ -1,0 +1,292 @@
+"""Exported bundles under MONAI's own bundle machinery: verify, initialise, run, torchrun, TorchScript.
+
+Three bundles are exported once per session: a FlexibleUNet (ResNet-10 encoder from a checkpoint
+written by ``volpre.engine.trainer.pretrain``), a SwinUNETR and a survival network (Swin encoder,
+feature_size 12). Data: 6 demo subjects at 8 mm (small volumes). Every ``python -m monai.bundle``
+runs in a subprocess whose working directory is *not* the bundle, as users launch it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.scripts import create_workflow
+
+from volpre.config import load_config
+from volpre.export import export_bundle
+from volpre.export.schema import copy_meta_schema
+from volpre.export.weights import WeightsError
+from volpre.objectives import build_pretrainer
+from volpre.versions import installed_versions
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["preprocess.spacing=[8.0,8.0,8.0]", "data.num_workers=0"]
+BUNDLES = ("flexibleunet", "swinunetr", "survivalnet")
+ONE_EPOCH = {
+    "flexibleunet": ["--train#dataset#data", "$@train_records[:2]"],
+    "swinunetr": ["--train#dataset#data", "$@train_records[:1]", "--batch_size", "1", "--num_samples", "1"],
+    "survivalnet": ["--val_split", "train"],  # the demo's val split has one subject: no comparable pair
+}
+"""Per-bundle overrides that keep a one-epoch CPU run to a few iterations."""
+WORKFLOW_OVERRIDES = {"flexibleunet": {"num_workers": 0}, "swinunetr": {"num_workers": 0},
+                      "survivalnet": {"num_workers": 0, "val_split": "train"}}
+"""The same, for in-process ``ConfigWorkflow``s (whose property check builds the datasets)."""
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a bundle subprocess: this checkout of volpre importable, gloo on loopback."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""), "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd)
+
+
+def check(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr
+
+
+def configs(bundle: Path, *names: str) -> str:
+    files = [str(bundle / "configs" / name) for name in names]
+    return files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+@pytest.fixture(scope="session")
+def manifest(tmp_path_factory) -> Path:
+    from volpre.data.synthetic import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("demo6") / "data", subjects=6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def elsewhere(tmp_path_factory) -> Path:
+    """A working directory unrelated to the bundles and the data."""
+    return tmp_path_factory.mktemp("elsewhere")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, manifest) -> dict[str, Path]:
+    from volpre.engine.trainer import pretrain
+
+    root = tmp_path_factory.mktemp("pretrain")
+    result = pretrain(load_config("resnet-dae-tiny", TINY + ["train.checkpoint_every=2"]), manifest, root / "resnet",
+                      max_steps=2, device="cpu")
+    cfg = load_config("swin-dae-tiny", TINY)
+    torch.manual_seed(1)  # not the bundles' seed 0, so scratch initialisation differs from these weights
+    swin = root / "swin.pt"
+    torch.save({"model": build_pretrainer(cfg).state_dict(), "config": cfg.to_dict(), "versions": installed_versions(),
+                "step": 0, "manifest": None, "ema": None}, swin)
+    return {"resnet": result.checkpoint, "swin": swin}
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, checkpoints, manifest) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        "flexibleunet": export_bundle(checkpoints["resnet"], "segmentation", root / "flexibleunet", manifest=manifest,
+                                      out_channels=3),
+        "swinunetr": export_bundle(checkpoints["swin"], "segmentation", root / "swinunetr", manifest=manifest,
+                                   out_channels=3, roi_size=(64, 64, 64)),
+        "survivalnet": export_bundle(checkpoints["swin"], "survival", root / "survivalnet", manifest=manifest),
+    }
+
+
+@pytest.fixture(scope="session")
+def trained(bundles, manifest, elsewhere):
+    """``trained(name)``: the output of one epoch of ``configs/train.json`` of that bundle (run once)."""
+    outputs: dict[str, str] = {}
+
+    def train(name: str) -> str:
+        if name not in outputs:
+            bundle = bundles[name]
+            outputs[name] = check(monai_bundle(
+                "run", "--config_file", configs(bundle, "train.json"), "--meta_file", configs(bundle, "metadata.json"),
+                "--bundle_root", str(bundle), "--manifest", str(manifest), "--train#trainer#max_epochs", "1",
+                "--num_workers", "0", *ONE_EPOCH[name], cwd=elsewhere))
+        return outputs[name]
+
+    return train
+
+
+def parsed_network(bundle: Path, config: str, **overrides) -> torch.nn.Module:
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / config))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.update(overrides)
+    return parser.get_parsed_content("network_def")
+
+
+# ----------------------------------------------------------------------------- checks by MONAI's CLI
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_verify_metadata_offline_with_the_shipped_schema(name, bundles, elsewhere):
+    schema = copy_meta_schema(elsewhere / f"{name}_schema.json")
+    out = check(monai_bundle("verify_metadata", "--meta_file", configs(bundles[name], "metadata.json"),
+                             "--filepath", str(schema), cwd=elsewhere))
+    assert "skipped downloading" in out and "metadata is verified with no error" in out
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_verify_net_in_out(name, bundles, elsewhere):
+    bundle = bundles[name]
+    out = check(monai_bundle("verify_net_in_out", "network_def", "--meta_file", configs(bundle, "metadata.json"),
+                             "--config_file", configs(bundle, "train.json"), "--device", "cpu", cwd=elsewhere))
+    assert "data shape of network is verified with no error" in out
+
+
+# ----------------------------------------------------------------------------- ConfigWorkflow
+
+
+@pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
+@pytest.mark.parametrize("name", BUNDLES)
+def test_initialized_train_workflow_holds_the_exported_encoder(name, bundles, manifest, monkeypatch, elsewhere):
+    bundle = bundles[name]
+    monkeypatch.chdir(elsewhere)
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
+                              meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                              workflow_type="train", manifest=str(manifest), **WORKFLOW_OVERRIDES[name])
+    workflow.initialize()
+    network = workflow.parser.get_parsed_content("network_def")
+    exported = torch.load(bundle / "models/pretrained_encoder.pt", weights_only=True)
+    state = network.state_dict()
+    assert exported and all(torch.equal(state[k], v) for k, v in exported.items())
+    assert workflow.check_properties() in (None, [])  # every required train property is defined
+
+    # the scratch arm, through the path `monai.bundle run` takes (create_workflow), as the README says
+    scratch = create_workflow(config_file=str(bundle / "configs/train.json"),
+                              meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                              workflow_type="train", manifest=str(manifest), pretrained=False,
+                              **WORKFLOW_OVERRIDES[name])
+    scratch_state = scratch.parser.get_parsed_content("network_def").state_dict()
+    weights = [k for k, v in exported.items() if v.is_floating_point() and v.ndim >= 2]  # kernels, not norms
+    assert weights and not any(torch.equal(scratch_state[k], exported[k]) for k in weights)
+    groups = scratch.parser.get_parsed_content("optimizer").param_groups
+    assert [g["lr"] for g in groups] == [1e-4, 1e-4]  # scratch arm: one learning rate
+    assert [g["lr"] for g in workflow.parser.get_parsed_content("optimizer").param_groups] == [1e-5, 1e-4]
+
+
+@pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
+def test_monai_command_line_drops_none_overrides_so_scratch_is_a_boolean(bundles, manifest):
+    """Why the bundles have ``pretrained: true``: ``--pretrained_encoder None`` would be ignored."""
+    bundle = bundles["flexibleunet"]
+    workflow = create_workflow(config_file=str(bundle / "configs/train.json"),
+                               meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                               workflow_type="train", manifest=str(manifest), pretrained_encoder=None)
+    loaded = Path(workflow.parser.get_parsed_content("pretrained_encoder"))
+    assert loaded == (bundle / "models/pretrained_encoder.pt").resolve()
+
+
+def test_wrong_architecture_override_fails_with_the_key_list(bundles, manifest):
+    bundle = bundles["flexibleunet"]
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
+                              meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                              workflow_type="train", manifest=str(manifest), **{"network_def#backbone": "resnet18"})
+    workflow.initialize()
+    with pytest.raises(RuntimeError) as info:
+        workflow.parser.get_parsed_content("network_def")
+    cause = info.value  # MONAI wraps the factory's error: find it in the chain
+    while cause is not None and not isinstance(cause, WeightsError):
+        cause = cause.__cause__
+    assert cause is not None, f"no WeightsError behind {info.value!r}"
+    assert re.search(r"pretrained encoder weights .*pretrained_encoder.pt does not fit the encoder of "
+                     r"FlexibleUNet\(backbone=resnet18.*\n  missing from the file \(\d+\): encoder.layer1.1.bn1.bias",
+                     str(cause)), str(cause)
+
+
+# ----------------------------------------------------------------------------- monai.bundle run
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_one_epoch_of_train_json_from_another_directory(name, bundles, trained):
+    out = trained(name)
+    metric = "val_cindex" if name == "survivalnet" else "val_mean_dice"
+    assert f"Key metric: {metric} best value" in out and "Epoch: 1/1, Iter: 1/" in out
+    fine_tuned = bundles[name] / "models" / "model.pt"
+    network = parsed_network(bundles[name], "inference.json", bundle_root=str(bundles[name]))  # loads model.pt strictly
+    saved = torch.load(fine_tuned, weights_only=True)
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in saved.items())
+    # the encoder started from the exported weights and took optimiser steps (its own learning rate)
+    exported = torch.load(bundles[name] / "models" / "pretrained_encoder.pt", weights_only=True)
+    kernels = [k for k, v in exported.items() if v.is_floating_point() and v.ndim >= 2]
+    assert all(not torch.equal(saved[k], exported[k]) for k in kernels[:3])
+
+
+def test_multi_gpu_train_under_torchrun_with_gloo_and_a_frozen_encoder(bundles, manifest, tmp_path, elsewhere):
+    bundle = shutil.copytree(bundles["survivalnet"], tmp_path / "survivalnet")
+    (bundle / "models" / "model.pt").unlink(missing_ok=True)
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "-m", "monai.bundle", "run", "--config_file", configs(bundle, "train.json", "multi_gpu_train.json"),
+                  "--meta_file", configs(bundle, "metadata.json"), "--bundle_root", str(bundle),
+                  "--manifest", str(manifest), "--train#trainer#max_epochs", "1", "--num_workers", "0",
+                  "--freeze_encoder_epochs", "1", *ONE_EPOCH["survivalnet"]], cwd=elsewhere)
+    out = check(result)
+    assert "Key metric: val_cindex best value" in out
+    saved = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in saved)  # CheckpointSaver unwrapped DDP
+    # the encoder stayed frozen (DDP with find_unused_parameters) and still holds the exported weights
+    exported = torch.load(bundle / "models" / "pretrained_encoder.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in exported.items())
+
+
+def test_ckpt_export_gives_torchscript_matching_the_network(bundles, trained, elsewhere):
+    trained("flexibleunet")
+    bundle = bundles["flexibleunet"]
+    target = elsewhere / "flexibleunet.ts"
+    check(monai_bundle("ckpt_export", "network_def", "--filepath", str(target), "--ckpt_file",
+                       str(bundle / "models/model.pt"), "--meta_file", configs(bundle, "metadata.json"),
+                       "--config_file", configs(bundle, "inference.json"), "--bundle_root", str(bundle),
+                       "--use_trace", "True", "--input_shape", "[1, 1, 32, 32, 32]", cwd=elsewhere))
+    scripted = torch.jit.load(str(target))
+    network = parsed_network(bundle, "inference.json", bundle_root=str(bundle)).eval()
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = network(x)
+        assert torch.allclose(scripted(x), expected, atol=1e-5)
+        assert torch.allclose(scripted(x + 0.5), network(x + 0.5), atol=1e-5)  # not a constant
+
+
+def test_inference_writes_label_maps_and_evaluate_scores_the_test_split(bundles, trained, manifest, elsewhere):
+    from volpre.data.manifest import load_manifest
+    from volpre.data.readers import read_volume
+
+    trained("flexibleunet")
+    bundle = bundles["flexibleunet"]
+    check(monai_bundle("run", "--config_file", configs(bundle, "inference.json"), "--meta_file",
+                       configs(bundle, "metadata.json"), "--bundle_root", str(bundle), "--manifest", str(manifest),
+                       "--num_workers", "0", cwd=elsewhere))
+    tests = [e for e in load_manifest(manifest).entries if e.split == "test" and e.modality == "CT"]
+    for entry in tests:
+        relative = entry.image[0].relative_to(manifest.parent)
+        stem = relative.name.split(".")[0]
+        prediction = read_volume(bundle / "eval" / relative.parent / f"{stem}_seg.nii.gz")
+        assert prediction.shape == read_volume(entry.image[0], series_uid=entry.series_uid).shape
+        assert set(torch.unique(prediction).tolist()) <= {0.0, 1.0, 2.0}
+
+    trained("survivalnet")
+    survival = bundles["survivalnet"]
+    # the demo's test split is one subject (two scans, one outcome): no comparable pair, so score the train split
+    check(monai_bundle("run", "--config_file", configs(survival, "train.json", "evaluate.json"), "--meta_file",
+                       configs(survival, "metadata.json"), "--bundle_root", str(survival), "--manifest", str(manifest),
+                       "--num_workers", "0", "--val_split", "train", cwd=elsewhere))
+    train = [e for e in load_manifest(manifest).entries if e.split == "train" and e.modality == "CT"]
+    with open(survival / "eval" / "risks.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert sorted(row[0] for row in rows) == sorted(str(e.image[0]) for e in train)
+    assert all(len(row) == 2 and float(row[1]) == float(row[1]) for row in rows)
+    assert (survival / "eval" / "metrics.csv").read_text().startswith("val_cindex")

@@ -1,0 +1,299 @@
+"""``volpre export``: a pretraining checkpoint -> a MONAI bundle that fine-tunes its encoder.
+
+:func:`export_bundle` reads and checks the checkpoint's encoder (:mod:`volpre.export.source`),
+maps its keys onto the bundle network (:mod:`volpre.export.keymap`), proves the mapped file
+loads strictly into that network, and writes the bundle from the templates in ``bundles/``::
+
+    OUT/configs/train.json            fine-tuning (ConfigWorkflow; pretrained encoder loaded by network_def)
+    OUT/configs/multi_gpu_train.json  overlay on train.json for torchrun (NCCL on GPUs, gloo on CPUs)
+    OUT/configs/evaluate.json         overlay on train.json: metrics of models/model.pt on the test split
+    OUT/configs/inference.json        predictions of models/model.pt for a split
+    OUT/configs/metadata.json         MONAI meta schema 20240725, exact versions, network_data_format
+    OUT/configs/logging.conf
+    OUT/models/pretrained_encoder.pt  the encoder's tensors under the network's own key names
+    OUT/docs/README.md                what the weights are, how to fine-tune, the exact commands
+    OUT/LICENSE
+
+Fine-tuning adds ``OUT/models/model.pt`` (the best validation checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from monai.bundle import ConfigParser
+
+from volpre.config import RunConfig
+from volpre.engine.checkpoint import atomic_save
+from volpre.export import networks
+from volpre.export.keymap import to_network_keys
+from volpre.export.metadata import fill_metadata, installed_package_versions
+from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
+from volpre.export.templates import TASKS, templates_root
+from volpre.export.weights import check_state_dict
+
+ENCODER_FILE = "models/pretrained_encoder.pt"
+"""Where a bundle keeps the exported encoder, relative to its root."""
+
+DEFAULT_NETWORKS: dict[tuple[str, str], str] = {
+    ("segmentation", "swin"): "swinunetr",
+    ("segmentation", "resnet"): "flexibleunet",
+    ("survival", "swin"): "survivalnet",
+    ("survival", "resnet"): "survivalnet",
+}
+"""(task, encoder) -> the network a bundle holds when ``network`` is not given."""
+
+SWINUNETR_MIN_TRAIN_ROI = 64
+"""SwinUNETR's instance norm needs more than one voxel on its stride-32 map when training."""
+
+
+def _network_def(network: str, cfg: RunConfig) -> dict[str, Any]:
+    """The architecture arguments of ``network_def`` for the pretraining encoder ``cfg.model``."""
+    model = cfg.model
+    if network == "swinunetr":
+        swin = model.swin
+        return {
+            "_target_": "volpre.export.networks.swin_unetr",
+            "in_channels": "@in_channels",
+            "out_channels": "@out_channels",
+            "feature_size": swin.feature_size,
+            "depths": list(swin.depths),
+            "num_heads": list(swin.num_heads),
+            "window_size": swin.window_size,
+            "use_v2": swin.use_v2,
+            "use_checkpoint": swin.use_checkpoint,
+        }
+    if network == "flexibleunet":
+        return {
+            "_target_": "volpre.export.networks.flexible_unet",
+            "in_channels": "@in_channels",
+            "out_channels": "@out_channels",
+            "backbone": f"resnet{model.resnet.depth}",
+            "decoder_channels": [256, 128, 64, 32, 16],
+        }
+    if model.encoder == "swin":
+        swin = model.swin
+        encoder = {
+            "_target_": "volpre.models.SwinEncoder",
+            "in_channels": "@in_channels",
+            "feature_size": swin.feature_size,
+            "depths": list(swin.depths),
+            "num_heads": list(swin.num_heads),
+            "window_size": swin.window_size,
+            "use_v2": swin.use_v2,
+            "use_checkpoint": swin.use_checkpoint,
+            "drop_path_rate": 0.0,
+        }
+    else:
+        encoder = {"_target_": "volpre.models.ResNet3DEncoder", "depth": model.resnet.depth,
+                   "in_channels": "@in_channels"}
+    return {
+        "_target_": "volpre.export.networks.survival_net",
+        "encoder": encoder,
+        "hidden_channels": [128],
+        "dropout": 0.0,
+    }
+
+
+def _build_network(network_def: dict[str, Any], in_channels: int, out_channels: int | None) -> torch.nn.Module:
+    """Instantiate ``network_def`` (no weights) with MONAI's config parser, as the bundle will."""
+    parser = ConfigParser({"in_channels": in_channels, "out_channels": out_channels,
+                           "network_def": {**network_def, "pretrained_encoder": None, "checkpoint": None}})
+    return parser.get_parsed_content("network_def")
+
+
+def _check_choices(task: str, network: str | None, pretrained: PretrainedEncoder,
+                   out_channels: int | None, roi_size: Sequence[int], modality: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"task: got {task!r}, expected one of {', '.join(TASKS)}")
+    encoder = pretrained.encoder
+    name = network if network is not None else DEFAULT_NETWORKS[(task, encoder)]
+    spec = networks.NETWORKS.get(name)
+    if spec is None or spec.task != task or encoder not in spec.encoders:
+        allowed = [n for n, s in networks.NETWORKS.items() if s.task == task and encoder in s.encoders]
+        raise ValueError(
+            f"network: got {name!r}; a {task} bundle of the {encoder} encoder in {pretrained.checkpoint} "
+            f"can hold {', '.join(allowed)}"
+        )
+    if modality not in ("CT", "MR"):
+        raise ValueError(f"modality: got {modality!r}, expected 'CT' or 'MR'")
+    if len(roi_size) != 3 or any(not isinstance(r, int) or r <= 0 or r % 32 for r in roi_size):
+        raise ValueError(f"roi_size: got {list(roi_size)}, expected three positive multiples of 32 (X, Y, Z voxels)")
+    if name == "swinunetr" and min(roi_size) < SWINUNETR_MIN_TRAIN_ROI:
+        raise ValueError(
+            f"roi_size: got {list(roi_size)}; SwinUNETR needs at least {SWINUNETR_MIN_TRAIN_ROI} voxels per axis to "
+            f"train (its instance norm needs more than one voxel on the stride-32 map): pass roi_size="
+            f"{[max(r, SWINUNETR_MIN_TRAIN_ROI) for r in roi_size]}"
+        )
+    if task == "segmentation" and (out_channels is None or out_channels < 2):
+        raise ValueError(
+            f"out_channels: got {out_channels!r}; a segmentation bundle needs the number of classes including "
+            "background (>= 2; e.g. 3 for volpre's demo CT labels: background, liver, lesion)"
+        )
+    if task == "survival" and out_channels is not None:
+        raise ValueError(f"out_channels: got {out_channels!r}; a survival bundle predicts one risk, leave it unset")
+    return name
+
+
+def _prepare_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        found = "a file" if not out.is_dir() else "a non-empty directory"
+        raise FileExistsError(f"bundle output {out} is {found}; expected a new or empty directory")
+    for sub in ("configs", "models", "docs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _fill_config(template: dict[str, Any], values: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Set ``values`` on the template's top-level keys (each must be declared by the template)."""
+    config = dict(template)
+    for key, value in values.items():
+        if key not in config:
+            raise KeyError(f"bundle template {where} has no top-level key {key!r} for volpre export to set")
+        if key == "network_def":  # architecture from the checkpoint, weight files from the template
+            value = {**value, "pretrained_encoder": config[key]["pretrained_encoder"],
+                     "checkpoint": config[key]["checkpoint"]}
+        config[key] = value
+    return config
+
+
+def _write_json(data: Any, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=4) + "\n")
+
+
+def export_bundle(
+    checkpoint: str | os.PathLike[str],
+    task: Literal["segmentation", "survival"],
+    out: str | os.PathLike[str],
+    network: str | None = None,
+    manifest: str | os.PathLike[str] | None = None,
+    modality: Literal["CT", "MR"] = "CT",
+    out_channels: int | None = None,
+    roi_size: Sequence[int] | None = None,
+    weights: Literal["model", "ema"] = "model",
+) -> Path:
+    """Write a MONAI bundle that fine-tunes the encoder of ``checkpoint``; return its folder.
+
+    Args:
+        checkpoint: a volpre pretraining checkpoint (e.g. ``RUN/checkpoints/last.pt``).
+        task: ``"segmentation"`` (SwinUNETR for Swin, FlexibleUNet for ResNet encoders) or
+            ``"survival"`` (``volpre.survival.SurvivalNet``).
+        out: the bundle folder to create (must not exist, or be empty).
+        network: ``"swinunetr"``, ``"flexibleunet"`` or ``"survivalnet"``; default: the one
+            fitting ``task`` and the checkpoint's encoder.
+        manifest: the volpre manifest the bundle fine-tunes on by default (its ``manifest`` key;
+            ``--manifest PATH`` overrides it at run time). ``None``: users must pass ``--manifest``.
+        modality: which entries of the manifest the bundle reads and which preset it applies.
+        out_channels: segmentation only: classes including background.
+        roi_size: crop size ``(X, Y, Z)``, multiples of 32 (SwinUNETR: >= 64); default the
+            pretraining crop size ``data.roi``. Survival bundles pad or centre-crop every
+            preprocessed volume to it.
+        weights: ``"model"`` (trained weights) or ``"ema"`` (their moving average, when kept).
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read, is not a volpre checkpoint, has an
+            invalid config, or holds Swin weights from MONAI < 1.5.
+        WeightsError: its encoder tensors do not fit the encoder (or the network) they should
+            load into; every missing, unexpected and misshapen key is listed.
+        ValueError: an argument does not fit the task, the encoder or the network.
+        FileExistsError: ``out`` exists and is not an empty directory.
+    """
+    pretrained = read_pretrained_encoder(checkpoint, weights=weights)
+    cfg = pretrained.config
+    roi = tuple(cfg.data.roi) if roi_size is None else tuple(roi_size)
+    name = _check_choices(task, network, pretrained, out_channels, roi, modality)
+    installed_package_versions()  # fail before writing anything if a bundle dependency is missing
+    out_dir = Path(out)
+    network_def = _network_def(name, cfg)
+
+    # the mapped tensors must fill the network's encoder exactly, before anything is written
+    network_state = to_network_keys(pretrained.state, pretrained.encoder, name)
+    model = _build_network(network_def, cfg.model.in_channels, out_channels)
+    prefix = networks.NETWORKS[name].encoder_attr + "."
+    check_state_dict(
+        {k: v for k, v in model.state_dict().items() if k.startswith(prefix)},
+        network_state,
+        source=f"the encoder of checkpoint {pretrained.checkpoint}",
+        target=f"the {prefix[:-1]} of the bundle's {name}",
+    )
+
+    _prepare_output(out_dir)
+    encoder_path = out_dir / ENCODER_FILE
+    atomic_save({k: v.detach().clone().contiguous() for k, v in network_state.items()}, encoder_path)
+    networks.load_weights(model, encoder_path, None, f"the bundle's {name}")  # the bundle's own strict load
+
+    root = templates_root()
+    pre = cfg.preprocess
+    values: dict[str, Any] = {
+        "bundle_root": str(out_dir.resolve()),
+        "manifest": None if manifest is None else str(Path(manifest).resolve()),
+        "modality": modality,
+        "in_channels": cfg.model.in_channels,
+        "roi_size": list(roi),
+        "preprocess": {
+            "_target_": "volpre.config.PreprocessConfig",
+            "spacing": list(pre.spacing),
+            "ct_window": list(pre.ct_window),
+            "mr_percentiles": list(pre.mr_percentiles),
+            "crop_foreground": pre.crop_foreground,
+        },
+        "network_def": network_def,
+    }
+    if out_channels is not None:
+        values["out_channels"] = out_channels
+    task_dir = root / task / "configs"
+    for name_json in ("train.json", "inference.json"):
+        template = json.loads((task_dir / name_json).read_text())
+        _write_json(_fill_config(template, values, task_dir / name_json), out_dir / "configs" / name_json)
+    shutil.copyfile(task_dir / "evaluate.json", out_dir / "configs" / "evaluate.json")
+    for common in ("multi_gpu_train.json", "logging.conf"):
+        shutil.copyfile(root / "common" / "configs" / common, out_dir / "configs" / common)
+    shutil.copyfile(root / "common" / "LICENSE", out_dir / "LICENSE")
+
+    metadata = fill_metadata(json.loads((task_dir / "metadata.json").read_text()), pretrained, name, modality, roi,
+                             out_channels)
+    _write_json(metadata, out_dir / "configs" / "metadata.json")
+    readme = _render_readme(root / task / "docs" / "README.md", out_dir, pretrained, name, metadata, values)
+    (out_dir / "docs" / "README.md").write_text(readme)
+    return out_dir
+
+
+def _json_block(values: dict[str, Any]) -> str:
+    """A JSON object with one top-level key per line (nested values on that line)."""
+    return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in values.items()) + "\n}"
+
+
+def _render_readme(template_path: Path, out_dir: Path, pretrained: PretrainedEncoder, network: str,
+                   metadata: dict[str, Any], values: dict[str, Any]) -> str:
+    cfg = pretrained.config
+    manifest = pretrained.manifest or {}
+    model = cfg.to_dict()["model"]
+    encoder_config = {"encoder": model["encoder"], "in_channels": model["in_channels"],
+                      model["encoder"]: model[model["encoder"]]}
+    fields = {
+        "network": network,
+        "encoder": cfg.model.encoder,
+        "objective": cfg.objective.name,
+        "step": str(pretrained.step),
+        "weights": pretrained.weights,
+        "checkpoint": str(pretrained.checkpoint.resolve()),
+        "pretrain_manifest": str(manifest.get("path", "not recorded")),
+        "pretrain_manifest_sha256": str(manifest.get("sha256", "not recorded")),
+        "encoder_config": _json_block(encoder_config),
+        "objective_config": _json_block(cfg.to_dict()["objective"][cfg.objective.name]),
+        "preprocess_config": _json_block(cfg.to_dict()["preprocess"]),
+        "pretrain_versions": _json_block(pretrained.versions),
+        "bundle_versions": _json_block(metadata["required_packages_version"]),
+        "bundle": str(out_dir.resolve()),
+        "manifest": values["manifest"] or "/path/to/manifest.json",
+        "modality": values["modality"],
+        "roi_size": ", ".join(str(r) for r in values["roi_size"]),
+        "in_channels": str(values["in_channels"]),
+    }
+    return string.Template(template_path.read_text()).substitute(fields)

@@ -1,0 +1,150 @@
+"""The pretrained encoder inside a volpre pretraining checkpoint, checked before it is exported.
+
+A checkpoint (:mod:`volpre.engine.checkpoint`) holds the whole pretrainer (``model``: keys
+``encoder.*``, ``decoder.*`` and the objective's own parameters), optionally its EMA average
+(``ema``: ``torch.optim.swa_utils.AveragedModel`` keys ``module.encoder.*``), the run ``config``,
+the ``versions`` it was trained with, its ``step`` and its data ``manifest`` (path, SHA-256).
+:func:`read_pretrained_encoder` takes the encoder's tensors out and refuses, with a message that
+names the file:
+
+- a file that cannot be read (truncated, corrupt, not a checkpoint);
+- a config that is not a valid volpre run config;
+- Swin weights trained with MONAI < 1.5 (MONAI 1.5 changed ``PatchMerging``, Swin's default
+  downsampling, so older Swin weights do not mean the same thing in today's ``SwinUNETR``),
+  or Swin weights whose checkpoint does not record the MONAI version;
+- weights that do not fit the encoder the checkpoint's own config describes (every missing,
+  unexpected and misshapen key listed).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from packaging.version import InvalidVersion, Version
+
+from volpre.config import ConfigError, RunConfig, config_from_dict
+from volpre.engine.checkpoint import CheckpointError, load_checkpoint
+from volpre.export.weights import check_state_dict
+from volpre.models import build_encoder
+
+SWIN_MIN_MONAI = (1, 5)
+"""Oldest MONAI release whose Swin ``PatchMerging`` matches today's (changed in MONAI 1.5)."""
+
+WEIGHT_SOURCES: dict[str, str] = {"model": "encoder.", "ema": "module.encoder."}
+"""Which weights of a checkpoint to export -> the prefix of the encoder's keys in that state dict."""
+
+
+@dataclass(frozen=True)
+class PretrainedEncoder:
+    """An encoder's tensors and what is known about how they were trained."""
+
+    checkpoint: Path
+    """The checkpoint file they come from."""
+    config: RunConfig
+    """The pretraining run config (``config.model`` describes the encoder)."""
+    state: dict[str, torch.Tensor]
+    """Encoder keys (as in ``volpre.models.build_encoder(config.model).state_dict()``) -> CPU tensors."""
+    weights: Literal["model", "ema"]
+    """Whether ``state`` holds the trained weights or their exponential moving average."""
+    step: int
+    """Optimiser steps of pretraining."""
+    versions: dict[str, str]
+    """Package versions the checkpoint was trained with (``volpre``, ``monai``, ``torch``, ...)."""
+    manifest: dict[str, Any] | None
+    """``{"path": ..., "sha256": ...}`` of the pretraining manifest, if recorded."""
+
+    @property
+    def encoder(self) -> str:
+        """Encoder family: ``"swin"`` or ``"resnet"``."""
+        return self.config.model.encoder
+
+
+def check_swin_monai_version(versions: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse Swin weights trained with MONAI < 1.5 (or with no MONAI version recorded).
+
+    Raises:
+        CheckpointError: naming the file, the version found, and why it matters.
+    """
+    recorded = versions.get("monai") if isinstance(versions, dict) else None
+    why = (
+        "MONAI 1.5 changed PatchMerging (the Swin encoder's downsampling), so Swin weights from "
+        "MONAI < 1.5 do not line up with today's SwinUNETR; pretrain again with MONAI >= 1.5"
+    )
+    if not isinstance(recorded, str):
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: Swin weights without a recorded MONAI version (versions.monai); "
+            f"refusing to export them: {why}"
+        )
+    try:
+        release = Version(recorded).release
+    except InvalidVersion as exc:
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: recorded MONAI version {recorded!r} is not a version number; {why}"
+        ) from exc
+    if release[:2] < SWIN_MIN_MONAI:
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: Swin weights were trained with MONAI {recorded}, expected MONAI >= "
+            f"{'.'.join(map(str, SWIN_MIN_MONAI))}: {why}"
+        )
+
+
+def read_pretrained_encoder(
+    checkpoint: str | os.PathLike[str], weights: Literal["model", "ema"] = "model"
+) -> PretrainedEncoder:
+    """Read and check the encoder of a volpre pretraining checkpoint.
+
+    Args:
+        checkpoint: a ``.pt`` written by ``volpre pretrain`` (e.g. ``checkpoints/last.pt``).
+        weights: ``"model"`` for the trained weights, ``"ema"`` for their moving average
+            (only when pretraining ran with ``train.ema_decay > 0``).
+
+    Raises:
+        CheckpointError: the file cannot be read or is not a volpre checkpoint, its config is
+            invalid, ``weights="ema"`` but it holds no EMA, or Swin weights from MONAI < 1.5.
+        WeightsError: its encoder tensors do not fit the encoder its config describes.
+        ValueError: ``weights`` is neither ``"model"`` nor ``"ema"``.
+    """
+    if weights not in WEIGHT_SOURCES:
+        raise ValueError(f"weights: got {weights!r}, expected one of {', '.join(map(repr, WEIGHT_SOURCES))}")
+    path = Path(checkpoint)
+    saved = load_checkpoint(path)
+    try:
+        config = config_from_dict(saved["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: its run config is not valid: {exc}") from exc
+    if config.model.encoder == "swin":
+        check_swin_monai_version(saved["versions"], path)
+
+    if weights == "ema" and saved.get("ema") is None:
+        raise CheckpointError(
+            f"checkpoint {path}: weights='ema' asked for, but the run kept no moving average "
+            "(train.ema_decay was 0); export weights='model'"
+        )
+    source_state = saved["model"] if weights == "model" else saved["ema"]
+    prefix = WEIGHT_SOURCES[weights]
+    state = {key[len(prefix):]: value for key, value in source_state.items() if key.startswith(prefix)}
+    model = config.model
+    shape = (
+        f"resnet{model.resnet.depth}"
+        if model.encoder == "resnet"
+        else f"swin feature_size={model.swin.feature_size}, depths={list(model.swin.depths)}"
+    )
+    check_state_dict(
+        build_encoder(model).state_dict(),
+        state,
+        source=f"checkpoint {path} ({weights} weights, keys {prefix}*)",
+        target=f"the {model.encoder} encoder its config describes ({shape}, in_channels={model.in_channels})",
+    )
+    return PretrainedEncoder(
+        checkpoint=path,
+        config=config,
+        state=state,
+        weights=weights,
+        step=int(saved["step"]),
+        versions={str(k): str(v) for k, v in saved["versions"].items()},
+        manifest=saved.get("manifest"),
+    )
