@@ -177,3 +177,13 @@ def test_check_bad_manifest_is_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "volpre", "check", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "'image' is a required property" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_modality_rules_by_path(tree, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    index_paths([tree], out, modality=["nifti/*label*=SEG", "nifti/*=CT", "*.nrrd=MR"], progress=False)
+    by_name = {e.image[0].name: e.modality for e in load_manifest(out).entries}
+    assert by_name["ct.nii.gz"] == "CT" and by_name["ct_label.nii.gz"] == "SEG" and by_name["other.nrrd"] == "MR"
+    assert by_name["other.mha"] is None and by_name["study1"] == "CT"  # no rule; DICOM uses its header
+    assert main(["index", str(tree), "--out", str(out), "--quiet", "--modality", "ct"]) == 2
+    assert "expected a DICOM modality code (CT, MR, PT, ...) or PATTERN=CODE" in capsys.readouterr().err

@@ -23,7 +23,10 @@ class UserError(Exception):
 def _cmd_index(args: argparse.Namespace) -> int:
     from volpre.data.index import index_paths
 
-    summary = index_paths(args.paths, args.out, modality=args.modality, progress=not args.quiet)
+    try:
+        summary = index_paths(args.paths, args.out, modality=args.modality, progress=not args.quiet)
+    except ValueError as error:
+        raise UserError(str(error)) from error
     print(summary.describe())
     return 0
 
@@ -197,6 +200,45 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _cmd_evaluate_label_efficiency(args: argparse.Namespace) -> int:
+    from volpre.evaluate import EvaluationError, evaluate_label_efficiency, parse_bundle_overrides, results_table
+
+    try:
+        fractions = [float(text) for text in args.fractions.split(",")]
+    except ValueError as error:
+        raise UserError(f"--fractions: got {args.fractions!r}; expected comma-separated numbers in (0, 1], "
+                        "e.g. 0.1,0.25,1.0") from error
+    try:
+        results = evaluate_label_efficiency(
+            args.pretrained, args.manifest, args.out, args.task, fractions, args.seeds, max_steps=args.max_steps,
+            network=args.network, modality=args.modality, out_channels=args.out_channels,
+            roi_size=tuple(args.roi) if args.roi else None, overrides=parse_bundle_overrides(args.overrides),
+            say=lambda line: print(line, file=sys.stderr, flush=True))
+    except (EvaluationError, FileExistsError) as error:
+        raise UserError(str(error)) from error
+    print(results_table(results))
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'label_efficiency.png'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from volpre.demo import DemoError, run_demo
+
+    try:
+        run_demo(args.out, subjects=args.subjects, seed=args.seed, pretrain_steps=args.pretrain_steps,
+                 epochs={"segmentation": args.segmentation_epochs, "survival": args.survival_epochs})
+    except DemoError as error:
+        print(f"volpre demo: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -215,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "reads for DICOM) and the files it could not use, with reasons.")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="folders or files to index")
     p.add_argument("--out", required=True, type=Path, help="manifest to write (JSON)")
-    p.add_argument("--modality", help="modality for non-DICOM files (CT, MR, ...); DICOM series use their header")
+    p.add_argument("--modality", action="append", metavar="CODE|PATTERN=CODE",
+                   help="modality of non-DICOM files (DICOM series use their header): a code for all of them "
+                   "(--modality CT), or rules matched against the path inside PATH, first match wins "
+                   "(--modality '*/ct*=CT' --modality '*/mr*=MR')")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_index)
 
@@ -298,6 +343,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["model", "ema"], default="model",
                    help="export the trained weights or their moving average (if the run kept one)")
     p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("evaluate", help="evaluate a pretrained encoder: label efficiency against scratch")
+    esub = p.add_subparsers(dest="evaluate_command", metavar="ACTION")
+    esub.required = True
+    q = esub.add_parser("label-efficiency", help="fine-tune pretrained vs scratch on fractions of the labelled "
+                        "subjects, several seeds; score each on the val split",
+                        description="Export the checkpoint as a bundle (OUT/bundle) once; then for every seed and "
+                        "fraction draw that fraction of the labelled training subjects (split train; all scans of a "
+                        "subject together; smaller fractions nested in larger ones) and fine-tune the bundle's "
+                        "train.json on them twice, from the pretrained encoder and from scratch, with the same "
+                        "seed and step budget. Each run's final weights are scored on the fixed val split (Dice "
+                        "over foreground classes, or C-index). Writes OUT/results.json and OUT/label_efficiency.png "
+                        "and prints mean ± sd over seeds per fraction and arm.")
+    q.add_argument("--pretrained", required=True, type=Path, metavar="CKPT",
+                   help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
+    q.add_argument("--manifest", required=True, type=Path,
+                   help="volpre manifest: split train is sampled by subject, split val scores every run")
+    q.add_argument("--fractions", required=True,
+                   help="comma-separated fractions in (0, 1] of the labelled training subjects, e.g. 0.1,0.25,1.0")
+    q.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
+    q.add_argument("--max-steps", type=int, help="optimiser steps per run (default: the bundle's max_epochs, "
+                   "so smaller fractions take fewer steps)")
+    q.add_argument("--task", choices=["segmentation", "survival"], default="segmentation")
+    q.add_argument("--network", choices=["swinunetr", "flexibleunet", "survivalnet"],
+                   help="default: the one fitting the task and the checkpoint's encoder")
+    q.add_argument("--modality", choices=["CT", "MR"], default="CT", help="entries and preset the runs use")
+    q.add_argument("--out-channels", type=int, help="segmentation: number of classes including background "
+                   "(3 for the demo data)")
+    q.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="crop size for fine-tuning (default: the pretraining crop; SwinUNETR needs >= 64)")
+    q.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
+    q.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="bundle config overrides for every run, e.g. num_workers=0 learning_rate=3e-4")
+    q.set_defaults(run=_cmd_evaluate_label_efficiency)
+
+    p = sub.add_parser("demo", help="run the whole path on the demo data (a few minutes on a CPU)",
+                       description="Demo data -> index -> check -> pretrain a tiny encoder -> export a segmentation "
+                       "and a survival bundle -> fine-tune each with `python -m monai.bundle run`, pretrained and "
+                       "from scratch -> a summary table (a tiny smoke run, not evidence), also in OUT/report.md.")
+    p.add_argument("--out", type=Path, default=Path("demo_run"),
+                   help="output folder (default demo_run; an earlier demo there is replaced)")
+    p.add_argument("--subjects", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-steps", type=int, default=60)
+    p.add_argument("--segmentation-epochs", type=int, default=5, help="fine-tuning epochs of each segmentation arm")
+    p.add_argument("--survival-epochs", type=int, default=30,
+                   help="fine-tuning epochs of each survival arm (one optimiser step each on the demo data)")
+    p.set_defaults(run=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks: data throughput, training step breakdown, benchmark volumes")
     bsub = p.add_subparsers(dest="bench_command", metavar="ACTION")

@@ -14,11 +14,13 @@ so the same tree always gives the same manifest.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -50,18 +52,39 @@ class IndexSummary:
         )
 
 
-def _walk(paths: Iterable[Path]) -> Iterator[tuple[Path, list[Path]]]:
-    """Yield ``(folder, files)`` in sorted order; a file given directly forms its own group."""
+def _walk(paths: Iterable[Path]) -> Iterator[tuple[Path, Path, list[Path]]]:
+    """Yield ``(root, folder, files)`` in sorted order; a file given directly forms its own group."""
     for root in paths:
         root = Path(root)
         if root.is_file():
-            yield root.parent, [root]
+            yield root.parent, root.parent, [root]
             continue
         if not root.is_dir():
             raise FileNotFoundError(f"volpre index: {root}: no such file or folder")
         for folder, dirs, files in os.walk(root):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .volpre_cache, .git, ...
-            yield Path(folder), [Path(folder) / name for name in sorted(files)]
+            yield root, Path(folder), [Path(folder) / name for name in sorted(files)]
+
+
+MODALITY_CODE = re.compile(r"^[A-Z]{2,3}$")
+
+
+def parse_modality_rules(values: Sequence[str]) -> list[tuple[str, str]]:
+    """``["CT"]`` or ``["*/ct*=CT", "*/mr*=MR"]`` -> ``[(pattern, code), ...]`` (first match wins).
+
+    A bare code applies to every non-DICOM file; ``PATTERN=CODE`` to files whose path relative
+    to the indexed folder matches the shell pattern (``fnmatch``, case-insensitive).
+    """
+    rules = []
+    for value in values:
+        pattern, _, code = value.rpartition("=") if "=" in value else ("*", "", value)
+        if not MODALITY_CODE.match(code) or not pattern:
+            raise ValueError(
+                f"--modality {value!r}: expected a DICOM modality code (CT, MR, PT, ...) or PATTERN=CODE "
+                "(e.g. '*/ct*=CT')"
+            )
+        rules.append((pattern, code))
+    return rules
 
 
 def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
@@ -69,9 +92,18 @@ def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
 
 
 class _Indexer:
-    def __init__(self, writer: ManifestWriter, modality: str | None, summary: IndexSummary):
-        self.writer, self.modality, self.summary = writer, modality, summary
+    def __init__(self, writer: ManifestWriter, modality_rules: list[tuple[str, str]], summary: IndexSummary):
+        self.writer, self.modality_rules, self.summary = writer, modality_rules, summary
         self.series_folders: dict[str, Path] = {}
+        self.root: Path | None = None
+        """The folder being walked (modality patterns match paths relative to it)."""
+
+    def modality_of(self, path: Path) -> str | None:
+        relative = path.relative_to(self.root).as_posix() if self.root and path.is_relative_to(self.root) else path.name
+        for pattern, code in self.modality_rules:
+            if fnmatch.fnmatch(relative.lower(), pattern.lower()):
+                return code
+        return None
 
     def _image_id(self, image: Path, series_uid: str | None = None) -> str:
         return derive_entry_id(relative_path(image, self.writer.base_dir), series_uid)
@@ -90,7 +122,7 @@ class _Indexer:
             self._reject(path, f"dimensionality: 4D image with {header.n_frames} frames; "
                                "a manifest entry must be a 3D volume (extract the frame you want)")
             return
-        self.writer.add(ManifestEntry(image=(path,), id=self._image_id(path), modality=self.modality,
+        self.writer.add(ManifestEntry(image=(path,), id=self._image_id(path), modality=self.modality_of(path),
                                       shape=header.shape, spacing=header.spacing))
         self.summary.entries += 1
 
@@ -115,21 +147,28 @@ class _Indexer:
         image = series.files[0] if single_file else folder
         self.writer.add(ManifestEntry(
             image=(image,), id=self._image_id(image, None if single_file else series.uid),
-            subject=series.patient_id or None, modality=series.modality or self.modality,
+            subject=series.patient_id or None, modality=series.modality or self.modality_of(image),
             series_uid=series.uid, shape=series.shape, spacing=_spacing(series.affine),
         ))
         self.summary.entries += 1
 
 
-def index_paths(paths: Iterable[Path], out: Path, modality: str | None = None, progress: bool = True) -> IndexSummary:
-    """Walk ``paths`` and write the manifest ``out``; returns counts and throughput."""
+def index_paths(paths: Iterable[Path], out: Path, modality: str | Sequence[str] | None = None,
+                progress: bool = True) -> IndexSummary:
+    """Walk ``paths`` and write the manifest ``out``; returns counts and throughput.
+
+    ``modality`` gives non-DICOM files their modality (DICOM series use their header): a code
+    for all of them, or ``PATTERN=CODE`` rules (see :func:`parse_modality_rules`).
+    """
+    rules = parse_modality_rules([modality] if isinstance(modality, str) else list(modality or []))
     out = Path(out)
     summary = IndexSummary(manifest=out)
     start = time.perf_counter()
     bar = tqdm(unit="file", disable=not progress, desc="indexing")
     with ManifestWriter(out, description="written by volpre index") as writer:
-        indexer = _Indexer(writer, modality, summary)
-        for folder, files in _walk(paths):
+        indexer = _Indexer(writer, rules, summary)
+        for root, folder, files in _walk(paths):
+            indexer.root = root
             dicom_files = []
             for path in files:
                 if path.parent.resolve() == writer.base_dir and path.name.startswith(f".{out.name}.tmp"):
