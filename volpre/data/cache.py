@@ -74,7 +74,7 @@ from monai.utils import convert_to_tensor
 from volpre import __version__
 from volpre.config import ConfigError, DataConfig, PreprocessConfig, config_hash
 from volpre.data.dataset import entry_record, find_volume_error
-from volpre.data.errors import VolumeError
+from volpre.data.errors import EntryProblem, VolumeError
 from volpre.data.manifest import ManifestEntry
 from volpre.data.readers import source_files
 from volpre.data.transforms import (
@@ -472,19 +472,6 @@ def entries_to_cache(entries: Sequence[ManifestEntry]) -> Iterator[ManifestEntry
 # ----------------------------------------------------------------------------- building a whole manifest
 
 
-@dataclass(frozen=True)
-class EntryFailure:
-    """An entry whose volume could not be preprocessed (as ``volpre check`` words it)."""
-
-    entry_id: str
-    path: str
-    kind: str
-    reason: str
-
-    def line(self) -> str:
-        return f"{self.entry_id}: {self.path}: {self.kind}: {self.reason}"
-
-
 @dataclass
 class CacheReport:
     """What :func:`build_cache` found and did."""
@@ -492,7 +479,7 @@ class CacheReport:
     directory: Path
     n_entries: int
     statuses: list[EntryStatus]
-    failures: list[EntryFailure]
+    failures: list[EntryProblem]
     removed_temporaries: int
 
     @property
@@ -524,7 +511,7 @@ class CacheReport:
 
 
 class _EnsureEach(torch.utils.data.Dataset):
-    """``dataset[i]`` makes source ``i``'s entry valid: its :class:`EntryStatus` or :class:`EntryFailure`."""
+    """``dataset[i]`` makes source ``i``'s entry valid: its :class:`EntryStatus` or :class:`EntryProblem`."""
 
     def __init__(self, cache: VolumeCache, entries: Sequence[ManifestEntry]):
         self.cache, self.entries = cache, entries
@@ -532,15 +519,15 @@ class _EnsureEach(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> EntryStatus | EntryFailure:
+    def __getitem__(self, index: int) -> EntryStatus | EntryProblem:
         entry = self.entries[index]
         try:
             return self.cache.ensure(entry)
         except Exception as error:  # noqa: BLE001 - one bad source is reported, not fatal
             volume_error = find_volume_error(error)
             if volume_error is not None:
-                return EntryFailure(entry.id, volume_error.path, volume_error.kind, volume_error.reason)
-            return EntryFailure(entry.id, str(entry.image[0]), "error", f"{type(error).__name__}: {error}")
+                return EntryProblem.from_error(entry.id, volume_error)
+            return EntryProblem(entry.id, str(entry.image[0]), "error", f"{type(error).__name__}: {error}")
 
 
 def _as_is(item):
@@ -548,7 +535,7 @@ def _as_is(item):
 
 
 def build_cache(entries: Sequence[ManifestEntry], cache: VolumeCache, workers: int,
-                on_result: Callable[[EntryStatus | EntryFailure], None] | None = None) -> CacheReport:
+                on_result: Callable[[EntryStatus | EntryProblem], None] | None = None) -> CacheReport:
     """Make every distinct source of ``entries`` a valid cache entry, ``workers`` processes at a time.
 
     Existing entries are read in full (every chunk checksum verified); missing, stale or corrupt
@@ -559,7 +546,7 @@ def build_cache(entries: Sequence[ManifestEntry], cache: VolumeCache, workers: i
     loader = torch.utils.data.DataLoader(_EnsureEach(cache, sources), batch_size=None, shuffle=False,
                                          num_workers=workers, collate_fn=_as_is)
     statuses: list[EntryStatus] = []
-    failures: list[EntryFailure] = []
+    failures: list[EntryProblem] = []
     for result in loader:
         (statuses if isinstance(result, EntryStatus) else failures).append(result)
         if on_result is not None:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from volpre.data.errors import VolumeError
+from volpre.data.errors import EntryProblem, VolumeError
 from volpre.data.manifest import ManifestEntry
 from volpre.data.readers import read_volume
 from volpre.data.transforms import check_label_values, check_modality, check_same_grid
@@ -24,21 +24,10 @@ from volpre.data.transforms import check_label_values, check_modality, check_sam
 SPACING_RTOL = 1e-3
 
 
-@dataclass(frozen=True)
-class Problem:
-    entry_id: str
-    path: str
-    kind: str
-    reason: str
-
-    def line(self) -> str:
-        return f"{self.entry_id}: {self.path}: {self.kind}: {self.reason}"
-
-
 @dataclass
 class CheckReport:
     n_entries: int = 0
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[EntryProblem] = field(default_factory=list)
 
     @property
     def bad_entries(self) -> set[str]:
@@ -60,13 +49,13 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _problem(entry: ManifestEntry, error: VolumeError) -> Problem:
-    return Problem(entry.id, error.path, error.kind, error.reason)
+def _problem(entry: ManifestEntry, error: VolumeError) -> EntryProblem:
+    return EntryProblem.from_error(entry.id, error)
 
 
-def check_entry(entry: ManifestEntry) -> list[Problem]:
+def check_entry(entry: ManifestEntry) -> list[EntryProblem]:
     """All problems of one entry (an empty list when it is good)."""
-    problems: list[Problem] = []
+    problems: list[EntryProblem] = []
     try:
         check_modality(entry.modality, str(entry.image[0]))
     except VolumeError as error:
@@ -90,21 +79,21 @@ def check_entry(entry: ManifestEntry) -> list[Problem]:
     return problems
 
 
-def _header_mismatches(entry: ManifestEntry, image: torch.Tensor) -> list[Problem]:
+def _header_mismatches(entry: ManifestEntry, image: torch.Tensor) -> list[EntryProblem]:
     problems = []
     shape = tuple(int(s) for s in image.shape[1:])
     if entry.shape is not None and tuple(entry.shape) != shape:
-        problems.append(Problem(entry.id, str(entry.image[0]), "manifest-mismatch",
+        problems.append(EntryProblem(entry.id, str(entry.image[0]), "manifest-mismatch",
                                 f"manifest says shape {list(entry.shape)}, the file has {list(shape)}"))
     spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)
     if entry.spacing is not None and not np.allclose(entry.spacing, spacing, rtol=SPACING_RTOL):
-        problems.append(Problem(entry.id, str(entry.image[0]), "manifest-mismatch",
+        problems.append(EntryProblem(entry.id, str(entry.image[0]), "manifest-mismatch",
                                 f"manifest says spacing {list(entry.spacing)} mm, the file has "
                                 f"{[round(float(s), 6) for s in spacing]} mm"))
     return problems
 
 
-def _check_label(entry: ManifestEntry, image) -> list[Problem]:
+def _check_label(entry: ManifestEntry, image) -> list[EntryProblem]:
     try:
         label = read_volume(entry.label)
         if image is not None:
@@ -115,7 +104,7 @@ def _check_label(entry: ManifestEntry, image) -> list[Problem]:
     return []
 
 
-def check_entries(entries: Iterable[ManifestEntry], on_problem: Callable[[Problem], None] | None = None,
+def check_entries(entries: Iterable[ManifestEntry], on_problem: Callable[[EntryProblem], None] | None = None,
                   on_entry: Callable[[], None] | None = None) -> CheckReport:
     """Check entries one at a time (memory holds one volume); report problems as they are found."""
     report = CheckReport()

@@ -9,6 +9,7 @@ is ``"<path>: <reason>"``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 ERROR_KINDS: tuple[str, ...] = (
     "missing",  # the path does not exist
@@ -51,3 +52,22 @@ class VolumeError(ValueError):
         # Rebuild from the three fields (the default would call __init__ with the message only),
         # so the error survives pickling between DataLoader workers and processes.
         return (type(self), (self.path, self.kind, self.reason))
+
+
+@dataclass(frozen=True)
+class EntryProblem:
+    """One problem of one manifest entry, as ``volpre check`` and ``volpre cache`` report it."""
+
+    entry_id: str
+    path: str
+    kind: str
+    """A :data:`ERROR_KINDS` value, or a reporter's own category (e.g. ``manifest-mismatch``)."""
+    reason: str
+
+    @classmethod
+    def from_error(cls, entry_id: str, error: VolumeError) -> "EntryProblem":
+        return cls(entry_id, error.path, error.kind, error.reason)
+
+    def line(self) -> str:
+        """``entry id: file: kind: reason`` (one line per problem)."""
+        return f"{self.entry_id}: {self.path}: {self.kind}: {self.reason}"
