@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from monai.bundle import ConfigParser
 
-from volpre.config import RunConfig
+from volpre.config import ModelConfig, RunConfig
 from volpre.engine.checkpoint import atomic_save
 from volpre.export import networks
 from volpre.export.keymap import to_network_keys
@@ -54,22 +54,26 @@ SWINUNETR_MIN_TRAIN_ROI = 64
 """SwinUNETR's instance norm needs more than one voxel on its stride-32 map when training."""
 
 
+def _swin_arguments(model: ModelConfig) -> dict[str, Any]:
+    """The Swin architecture keys shared by SwinUNETR's ``swinViT`` and volpre's SwinEncoder."""
+    swin = model.swin
+    return {
+        "in_channels": "@in_channels",
+        "feature_size": swin.feature_size,
+        "depths": list(swin.depths),
+        "num_heads": list(swin.num_heads),
+        "window_size": swin.window_size,
+        "use_v2": swin.use_v2,
+        "use_checkpoint": swin.use_checkpoint,
+    }
+
+
 def _network_def(network: str, cfg: RunConfig) -> dict[str, Any]:
     """The architecture arguments of ``network_def`` for the pretraining encoder ``cfg.model``."""
     model = cfg.model
     if network == "swinunetr":
-        swin = model.swin
-        return {
-            "_target_": "volpre.export.networks.swin_unetr",
-            "in_channels": "@in_channels",
-            "out_channels": "@out_channels",
-            "feature_size": swin.feature_size,
-            "depths": list(swin.depths),
-            "num_heads": list(swin.num_heads),
-            "window_size": swin.window_size,
-            "use_v2": swin.use_v2,
-            "use_checkpoint": swin.use_checkpoint,
-        }
+        return {"_target_": "volpre.export.networks.swin_unetr", "out_channels": "@out_channels",
+                **_swin_arguments(model)}
     if network == "flexibleunet":
         return {
             "_target_": "volpre.export.networks.flexible_unet",
@@ -79,18 +83,7 @@ def _network_def(network: str, cfg: RunConfig) -> dict[str, Any]:
             "decoder_channels": [256, 128, 64, 32, 16],
         }
     if model.encoder == "swin":
-        swin = model.swin
-        encoder = {
-            "_target_": "volpre.models.SwinEncoder",
-            "in_channels": "@in_channels",
-            "feature_size": swin.feature_size,
-            "depths": list(swin.depths),
-            "num_heads": list(swin.num_heads),
-            "window_size": swin.window_size,
-            "use_v2": swin.use_v2,
-            "use_checkpoint": swin.use_checkpoint,
-            "drop_path_rate": 0.0,
-        }
+        encoder = {"_target_": "volpre.models.SwinEncoder", **_swin_arguments(model), "drop_path_rate": 0.0}
     else:
         encoder = {"_target_": "volpre.models.ResNet3DEncoder", "depth": model.resnet.depth,
                    "in_channels": "@in_channels"}
