@@ -1,0 +1,9 @@
+"""The error of the label-efficiency evaluation's inputs."""
+
+from __future__ import annotations
+
+
+class EvaluationError(ValueError):
+    """An evaluation input (manifest splits, fractions, seeds, step budget, bundle overrides, export
+    arguments) cannot give a valid comparison; the message names the input, what was found and
+    what was expected."""
