@@ -231,8 +231,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from volpre.demo import DemoError, run_demo
 
     try:
+        epochs = {"segmentation": args.segmentation_epochs, "survival": args.survival_epochs}
         run_demo(args.out, subjects=args.subjects, seed=args.seed, pretrain_steps=args.pretrain_steps,
-                 epochs={"segmentation": args.segmentation_epochs, "survival": args.survival_epochs})
+                 epochs={task: n for task, n in epochs.items() if n is not None})
     except DemoError as error:
         print(f"volpre demo: {error}", file=sys.stderr)
         return 1
@@ -384,12 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "from scratch -> a summary table (a tiny smoke run, not evidence), also in OUT/report.md.")
     p.add_argument("--out", type=Path, default=Path("demo_run"),
                    help="output folder (default demo_run; an earlier demo there is replaced)")
-    p.add_argument("--subjects", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain-steps", type=int, default=60)
-    p.add_argument("--segmentation-epochs", type=int, default=5, help="fine-tuning epochs of each segmentation arm")
-    p.add_argument("--survival-epochs", type=int, default=30,
-                   help="fine-tuning epochs of each survival arm (one optimiser step each on the demo data)")
+    p.add_argument("--subjects", type=int, default=16, help="demo subjects to generate (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo data (default 0)")
+    p.add_argument("--pretrain-steps", type=int, default=60, help="pretraining steps (default 60)")
+    p.add_argument("--segmentation-epochs", type=int, help="fine-tuning epochs of each segmentation arm (default 10)")
+    p.add_argument("--survival-epochs", type=int,
+                   help="fine-tuning epochs of each survival arm (default 30; one optimiser step each on the demo data)")
     p.set_defaults(run=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks: data throughput, training step breakdown, benchmark volumes")
