@@ -407,7 +407,7 @@ def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Seque
 
     Returns:
         plain float32 tensor ``(C, *roi)``: CT windowed to [0, 1], MR z-scores. Voxels outside the volume are
-        padded as ``crop_transforms`` pads (CT: the window's low end; MR: the nearest border
+        padded as ``crops_at`` pads (CT: the window's low end; MR: the nearest border
         voxel), which reproduces MONAI's symmetric ``SpatialPad`` followed by the crop.
     """
     shape = np.asarray(image.shape[1:], dtype=np.int64)

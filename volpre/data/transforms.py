@@ -6,18 +6,17 @@ A volume goes through two stages:
    read with volpre's checked reader (RAS, HU for CT) -> resample to ``spacing`` (labels with
    nearest neighbour) -> crop to the foreground -> MR only: clip to intensity percentiles and
    z-score over the foreground. CT stays in Hounsfield units here, so a cache can hold int16.
-2. **Random** (:func:`crop_transforms`; every visit): pad to the crop size -> draw
-   ``crops_per_volume`` random crops -> CT only: clip to the HU window and scale to [0, 1].
-   The pretraining stream splits this stage in two, so that a cache can cut the very same crops
-   without loading a whole volume: :func:`draw_crop_starts` draws the corners (a pure function
-   of the generator it is given), :func:`crops_at` cuts them from a whole volume with the same
-   padding and window (``volpre.data.cache`` reads them from disk instead).
+2. **Random** (every visit): pad to the crop size -> ``crops_per_volume`` random crops -> CT
+   only: clip to the HU window and scale to [0, 1]. It comes in two halves, so that a cache can
+   cut the very same crops without loading a whole volume: :func:`draw_crop_starts` draws the
+   corners (a pure function of the generator it is given, distributed as MONAI's
+   ``RandSpatialCropSamplesd`` draws them), :func:`crops_at` cuts them from a whole volume with
+   MONAI's ``SpatialPadd`` and the window (``volpre.data.cache`` reads them from disk instead).
 
-Output of stage 2 per crop: ``image`` float32 ``(C, *roi)``; CT in [0, 1], MR z-scores
-(roughly [-3, 5]); ``label`` (when present) float32 ``(1, *roi)`` integer class values.
+Output of stage 2 per crop: float32 ``(C, *roi)``; CT in [0, 1], MR z-scores (roughly [-3, 5]).
 
-The presets are MONAI ``Compose`` objects, so bundle configs and user code can use them as they
-use any MONAI transform.
+The deterministic preset is a MONAI ``Compose``, so bundle configs and user code use it as they
+use any MONAI transform (the bundles do: ``volpre.export.transforms``).
 """
 
 from __future__ import annotations
@@ -32,9 +31,7 @@ from monai.transforms import (
     Compose,
     CropForegroundd,
     MapTransform,
-    RandSpatialCropSamplesd,
     ScaleIntensityRange,
-    ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
@@ -217,23 +214,6 @@ def window_transform(preprocess: PreprocessConfig, modality: str) -> ScaleIntens
     return ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
 
 
-def crop_transforms(preprocess: PreprocessConfig, data: DataConfig, modality: str, with_label: bool = False) -> Compose:
-    """The random stage: pad to ``data.roi``, draw ``data.crops_per_volume`` crops, window CT.
-
-    Input: the output of :func:`preprocess_transforms`. Output: a list of ``crops_per_volume``
-    dicts, each with ``image`` float32 ``(C, *roi)`` (CT in [0, 1]) and ``label`` if present.
-    CT is padded with the window's lower bound (air), MR by repeating its border (background).
-    """
-    check_modality(modality, "preset")
-    keys = ["image", "label"] if with_label else ["image"]
-    transforms = _pad_transforms(preprocess, data, modality, with_label)
-    transforms.append(RandSpatialCropSamplesd(keys, roi_size=data.roi, num_samples=data.crops_per_volume, random_size=False))
-    if modality == "CT":
-        low, high = preprocess.ct_window
-        transforms.append(ScaleIntensityRanged(["image"], a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True))
-    return Compose(transforms)
-
-
 # ----------------------------------------------------------------------------- crops at drawn corners
 
 
@@ -265,8 +245,8 @@ def crops_at(volume: torch.Tensor, starts: np.ndarray, preprocess: PreprocessCon
              modality: str) -> list[torch.Tensor]:
     """Cut crops at given corners from a whole preprocessed volume, as the random stage does.
 
-    The volume is padded with the random stage's own MONAI ``SpatialPadd`` (see
-    :func:`crop_transforms`), each ``data.roi`` crop is cut at its corner (from
+    The volume is padded with MONAI's ``SpatialPadd`` (CT with the window's lower bound, i.e. air;
+    MR by repeating its border), each ``data.roi`` crop is cut at its corner (from
     :func:`draw_crop_starts`) and CT is windowed.
 
     Args:
