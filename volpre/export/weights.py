@@ -10,7 +10,7 @@ before anything is copied, and the error lists *all* differences, grouped::
       unexpected in the file (0)
       shape mismatches (1): encoder.conv1.weight: file (64, 1, 7, 7, 7), network (64, 2, 7, 7, 7)
 
-Nothing here uses ``strict=False``.
+Nothing here loads non-strictly: every load is checked key by key first, then strict.
 """
 
 from __future__ import annotations
