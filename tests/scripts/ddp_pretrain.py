@@ -38,4 +38,5 @@ dist.all_gather_object(gathered, {"rank": ctx.rank, "items": items_read, "weight
                                   "weights_abs": weights.double().abs().sum().item()})
 if ctx.is_main:
     (output / "ddp_report.json").write_text(json.dumps({"ranks": gathered, "losses": result.losses}))
+del run  # DDP must release the process group before it is destroyed (see teardown_distributed)
 teardown_distributed(ctx)

@@ -13,6 +13,7 @@ Backend: NCCL on CUDA devices, gloo on the CPU. Each process drives ``cuda:LOCAL
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -68,5 +69,14 @@ def setup_distributed(device: str | None = None) -> DistContext:
 
 
 def teardown_distributed(ctx: DistContext) -> None:
+    """Destroy the process group. Drop every DDP-wrapped model first.
+
+    A DDP reducer holds the process group; if the reducer is the last holder, the group is
+    destroyed inside the reducer's destructor, which keeps the GIL while it waits for gloo's worker
+    threads, and a worker thread that needs the GIL to release a finished collective's tensors
+    then deadlocks the process at exit. Collecting garbage here, with the group still registered,
+    leaves :func:`idist.finalize` to destroy it through the binding that releases the GIL.
+    """
+    gc.collect()
     if ctx.backend is not None:
         idist.finalize()

@@ -409,10 +409,12 @@ def pretrain(cfg: RunConfig | None, manifest: Path, output: Path, max_steps: int
              resume: bool = False, device: str | None = None, splits: tuple[str, ...] | None = None) -> PretrainResult:
     """Run (or resume) pretraining; returns what rank 0 saw. ``cfg`` may be None only with ``resume``."""
     ctx = setup_distributed(device)
+    run = None
     try:
         if cfg is None and not resume:
             raise ValueError("a config is needed unless --resume takes it from the checkpoint")
         run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits)
         return run.run(max_steps if max_steps is not None else run.cfg.train.total_steps)
     finally:
+        del run  # the DDP reducer must let go of the process group before teardown (see there)
         teardown_distributed(ctx)
