@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import jsonschema
 
 from volpre import __version__
+from volpre.files import atomic_write_text
 
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 FORMAT_VERSION = 1
@@ -343,8 +344,5 @@ def to_decathlon(manifest: Manifest, path: str | os.PathLike) -> Path:
             item["label"] = relative_path(entry.label, base_dir)
         out[key].append(item)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(out, indent=2) + "\n")
 

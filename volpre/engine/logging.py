@@ -7,12 +7,13 @@ one host sync per flush, not one per step.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from volpre.files import atomic_write_text
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -20,9 +21,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def mid_slices(volume: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ from volpre.evaluate.sampling import MIN_SUBJECTS, Task, check_fractions, sample
 from volpre.evaluate.summary import ARMS, format_table, plot_label_efficiency, summarize
 from volpre.export import export_bundle
 from volpre.export.templates import templates_root
+from volpre.files import atomic_write_text
 from volpre.versions import installed_versions
 
 RESULTS_FILE = "results.json"
@@ -67,13 +68,6 @@ def _positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise EvaluationError(f"{what}: got {value!r}, expected an integer >= 1")
     return value
-
-
-def _write_json(data: Any, path: Path) -> None:
-    """Write ``path`` atomically (a reader never sees half a file)."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 def evaluate_label_efficiency(
@@ -193,13 +187,13 @@ def evaluate_label_efficiency(
                     "encoder_learning_rate": result.encoder_learning_rate,
                     "run_dir": run_dir.relative_to(out).as_posix(),
                 })
-                _write_json(results, results_path)
+                atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
                 say(f"seed {seed}, fraction {fraction:g} ({len(subjects)} subjects, {len(entries)} entries), {arm}: "
                     f"{metric_name} {result.metric:.4f} after {result.steps} steps")
 
     results["summary"] = summarize(results["records"], fractions)
     results["complete"] = True
-    _write_json(results, results_path)
+    atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
     steps = f"{max_steps} steps" if max_steps is not None else "the bundle's epochs"
     plot_label_efficiency(results["summary"], f"{metric_name}: {METRIC_LABELS[task]}",
                           f"{task} on {modality}, {steps} per run, val split", out / PLOT_FILE)
