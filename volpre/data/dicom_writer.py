@@ -20,7 +20,6 @@ the arguments with :func:`deterministic_uid`, so the same call writes the same b
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -125,8 +124,8 @@ def write_dicom_series(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    ds = base  # one dataset, re-stamped: every element that differs between slices is set below
     for k in range(n_slices):
-        ds = copy.deepcopy(base)
         sop_instance_uid = deterministic_uid(f"{series_uid}/{k}")
         ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
         ds.SOPInstanceUID = sop_instance_uid
