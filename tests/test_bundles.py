@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from child_processes import run_command
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.scripts import create_workflow
@@ -49,7 +51,7 @@ def subprocess_env() -> dict[str, str]:
 
 
 def run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return run_command(args, timeout, cwd=cwd, env=subprocess_env())
 
 
 def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import multiprocessing
 import os
 import time
 import zlib
@@ -20,6 +19,7 @@ import SimpleITK as sitk
 import torch
 from monai.data import list_data_collate
 
+from child_processes import SPAWN, join_or_kill, spawned
 from volpre.cli import main
 from volpre.config import ConfigError, DataConfig, PreprocessConfig
 from volpre.data import cache as cache_module
@@ -238,14 +238,12 @@ def test_two_processes_building_the_same_entry_leave_one_valid_entry(files, tmp_
     entry = _entry(files / "ct_a.nii.gz")
     root = tmp_path / "cache"
     VolumeCache.create(root, PRE)
-    context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(2)
-    workers = [context.Process(target=_build_after_barrier, args=(root, entry, barrier)) for _ in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=120)
-    assert [w.exitcode for w in workers] == [0, 0]
+    # spawned, not forked: a child forked after torch started its thread pools can deadlock in
+    # its first parallel op (seen here in MONAI Spacing's affine_grid)
+    barrier = SPAWN.Barrier(2)
+    workers = [SPAWN.Process(target=_build_after_barrier, args=(root, entry, barrier)) for _ in range(2)]
+    with spawned(workers):
+        assert join_or_kill(workers, timeout=240) == [0, 0]
     leftovers = sorted(p.name for p in (root / VolumeCache(root, PRE).config_hash).iterdir())
     assert leftovers == [VolumeCache(root, PRE).entry_path(entry).name]  # no temporary file, one entry
     status = VolumeCache(root, PRE).ensure(entry)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from child_processes import run_command, started_command
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -80,10 +82,9 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 
 def test_hadolint_passes_at_the_error_threshold_and_reports_nothing():
     hadolint = _hadolint()
-    run = subprocess.run([hadolint, "--failure-threshold", "error", str(DOCKERFILE)], capture_output=True, text=True)
+    run = run_command([hadolint, "--failure-threshold", "error", str(DOCKERFILE)], timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
-    findings = json.loads(subprocess.run([hadolint, "-f", "json", str(DOCKERFILE)], capture_output=True,
-                                         text=True).stdout)
+    findings = json.loads(run_command([hadolint, "-f", "json", str(DOCKERFILE)], timeout=120).stdout)
     assert findings == [], f"hadolint findings (fix them or justify an inline ignore): {findings}"
 
 
@@ -91,7 +92,7 @@ def test_hadolint_fails_a_dockerfile_with_an_error(tmp_path):
     """The lint above can fail: the same call rejects a Dockerfile with an error-level finding."""
     bad = tmp_path / "Dockerfile"
     bad.write_text("FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime\nWORKDIR relative/folder\n")
-    run = subprocess.run([_hadolint(), "--failure-threshold", "error", str(bad)], capture_output=True, text=True)
+    run = run_command([_hadolint(), "--failure-threshold", "error", str(bad)], timeout=120)
     assert run.returncode != 0 and "DL3000" in run.stdout
 
 
@@ -177,8 +178,8 @@ def test_constraint_pins_the_installed_torch_which_satisfies_setup_cfg(tmp_path)
     assert setup_torch.specifier.contains(Version(torch.__version__))
 
     reqs, cons = tmp_path / "requirements.txt", tmp_path / "constraints.txt"
-    run = subprocess.run([sys.executable, str(DOCKER / "image_requirements.py"), str(REPO / "setup.cfg"),
-                          str(reqs), str(cons)], capture_output=True, text=True)
+    run = run_command([sys.executable, str(DOCKER / "image_requirements.py"), str(REPO / "setup.cfg"),
+                       str(reqs), str(cons)], timeout=120)
     assert run.returncode == 0, run.stderr
     assert reqs.read_text().splitlines() == image_requirements.install_requires(REPO / "setup.cfg")
     assert cons.read_text() == constraint + "\n"
@@ -221,7 +222,7 @@ def test_every_shell_script_in_docker_passes_bash_n():
     scripts = _shell_scripts()
     assert SBATCH in scripts
     for script in scripts:
-        run = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        run = run_command(["bash", "-n", str(script)], timeout=60)
         assert run.returncode == 0, f"{script.relative_to(REPO)}: {run.stderr}"
 
 
@@ -502,7 +503,7 @@ def _srun_calls(log: Path) -> list[list[str]]:
 
 
 def _run_sbatch(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SBATCH), *args], env=env, capture_output=True, text=True, timeout=120)
+    return run_command(["bash", str(SBATCH), *args], timeout=120, env=env)
 
 
 def _torchrun_call(log: Path) -> list[str]:
@@ -601,10 +602,10 @@ def test_sbatch_errors_name_the_setting_and_launch_nothing(slurm, change, messag
 def test_sbatch_requeues_the_job_on_sigusr1_and_waits_for_the_step(slurm):
     """SLURM's --signal=B:USR1@300 reaches the batch script while srun runs: it requeues the job."""
     _, env, log = slurm
-    script = subprocess.Popen(["bash", str(SBATCH)], env={**env, "FAKE_SRUN_BLOCK": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     blocked = log / "blocked.pid"
-    try:
+    # the script and its stand-in srun share a session, which is killed whatever happens here
+    with started_command(["bash", str(SBATCH)], env={**env, "FAKE_SRUN_BLOCK": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as script:
         for _ in range(600):  # the step starts after the trap is set
             if blocked.exists() and blocked.read_text().strip():
                 break
@@ -619,13 +620,5 @@ def test_sbatch_requeues_the_job_on_sigusr1_and_waits_for_the_step(slurm):
         assert script.poll() is None, "the script must keep waiting for the job step after requeueing"
         os.kill(int(blocked.read_text()), signal.SIGTERM)  # SLURM then stops the step
         _, stderr = script.communicate(timeout=60)
-    finally:
-        if script.poll() is None:
-            script.kill()
-        if blocked.exists():
-            try:
-                os.kill(int(blocked.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     assert "SIGUSR1, the time limit is near: requeueing job 4242" in stderr
     assert script.returncode == 128 + signal.SIGTERM

@@ -12,6 +12,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+
+from child_processes import run_command
 import SimpleITK as sitk
 
 from volpre.cli import main
@@ -173,7 +175,7 @@ def test_check_label_values(tmp_path):
 def test_check_bad_manifest_is_a_usage_error(tmp_path):
     bad = tmp_path / "m.json"
     bad.write_text(json.dumps({"entries": [{"imag": "x"}]}))
-    proc = subprocess.run([sys.executable, "-m", "volpre", "check", str(bad)], capture_output=True, text=True)
+    proc = run_command([sys.executable, "-m", "volpre", "check", str(bad)], timeout=300)
     assert proc.returncode == 2
     assert "'image' is a required property" in proc.stderr and "Traceback" not in proc.stderr
 

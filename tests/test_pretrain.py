@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from child_processes import run_command, started_command
 from volpre.cli import main
 from volpre.config import load_config
 from volpre.data.dataset import PretrainDataset, VolumeGroups
@@ -171,15 +172,15 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes(demo_manifest, tmp_path):
     cmd = [sys.executable, "-m", "volpre", "pretrain", "--config", "resnet-dae-tiny", "--manifest",
            str(demo_manifest), "--output", str(out), "--device", "cpu", "--max-steps", "200",
            "data.num_workers=0", "train.log_every=1", "train.checkpoint_every=1000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the run logged nothing"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    with started_command(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV) as proc:
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run logged nothing"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "stopping at step" in err
     state = load_checkpoint(out / "checkpoints" / "last.pt")
@@ -190,9 +191,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resumes(demo_manifest, tmp_path):
 
 def test_torchrun_two_processes_share_weights_and_split_data(demo_manifest, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPTS / "ddp_pretrain.py"),
-                           str(demo_manifest), str(tmp_path)], capture_output=True, text=True, env=SUBPROCESS_ENV,
-                          timeout=600)
+    proc = run_command([torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPTS / "ddp_pretrain.py"),
+                        str(demo_manifest), str(tmp_path)], timeout=600, env=SUBPROCESS_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ddp_report.json").read_text())
     rank0, rank1 = sorted(report["ranks"], key=lambda r: r["rank"])
@@ -208,10 +208,9 @@ def test_torchrun_two_processes_share_weights_and_split_data(demo_manifest, tmp_
 def test_torchrun_cli(demo_manifest, tmp_path):
     """The documented command: torchrun --standalone --nproc_per_node=2 -m volpre pretrain ..."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "volpre", "pretrain",
-                           "--config", "swin-dae-tiny", "--manifest", str(demo_manifest), "--output", str(tmp_path),
-                           "--max-steps", "2", "data.num_workers=0"], capture_output=True, text=True,
-                          env=SUBPROCESS_ENV, timeout=600)
+    proc = run_command([torchrun, "--standalone", "--nproc_per_node=2", "-m", "volpre", "pretrain",
+                        "--config", "swin-dae-tiny", "--manifest", str(demo_manifest), "--output", str(tmp_path),
+                        "--max-steps", "2", "data.num_workers=0"], timeout=600, env=SUBPROCESS_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == 2
     assert len(_losses(tmp_path)) == 2  # rank 0 alone logs

@@ -43,6 +43,10 @@ FINETUNE_LR = 2e-3
 encoder gets a tenth of it in the pretrained arm)."""
 
 
+BUNDLE_RUN_TIMEOUT_S = 1800
+"""One ``monai.bundle run`` of the demo takes seconds to a few minutes; past this it is hung."""
+
+
 class DemoError(RuntimeError):
     """A step of the demo failed; the message names the step and where its log is."""
 
@@ -88,7 +92,12 @@ def _run_bundle(bundle: Path, configs: list[str], overrides: dict[str, str], log
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=_bundle_env())
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=_bundle_env(),
+                                  timeout=BUNDLE_RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise DemoError(f"bundle run did not finish within {BUNDLE_RUN_TIMEOUT_S} s and was killed; "
+                            f"log: {log}") from None
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise DemoError(f"bundle run failed (exit {proc.returncode}); log: {log}\n{tail}")

@@ -37,19 +37,36 @@ def _child(target: Callable[..., dict], args: tuple, start_method: str, connecti
         connection.close()
 
 
-def run_isolated(target: Callable[..., dict], *args: Any) -> dict:
+BENCHMARK_TIMEOUT_S = 3600.0
+"""A benchmark process that has not reported after this long is killed (it is hung)."""
+
+
+def run_isolated(target: Callable[..., dict], *args: Any, timeout_s: float = BENCHMARK_TIMEOUT_S) -> dict:
     """``target(*args)`` in a new spawned process; its dict plus ``peak_rss_main_bytes`` and
-    ``peak_rss_worker_bytes``. ``target`` must be importable (a module-level function)."""
+    ``peak_rss_worker_bytes``. ``target`` must be importable (a module-level function).
+
+    Raises:
+        RuntimeError: if the process fails, dies without a result, or reports nothing within
+            ``timeout_s`` seconds (it is then killed; its DataLoader workers exit with it).
+    """
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(target, args, multiprocessing.get_start_method(), send))
     process.start()
     send.close()
+    name = getattr(target, "__name__", target)
     try:
-        status, payload = receive.recv()
-    except EOFError:
-        status, payload = "error", "the benchmark process died without a result"
-    process.join()
+        if not receive.poll(timeout_s):
+            raise RuntimeError(f"benchmark step {name} reported nothing within {timeout_s:.0f} s and was killed")
+        try:
+            status, payload = receive.recv()
+        except EOFError:
+            status, payload = "error", "the benchmark process died without a result"
+    finally:
+        process.join(timeout=60)
+        if process.is_alive():
+            process.kill()
+            process.join()
     if status != "ok":
-        raise RuntimeError(f"benchmark step {getattr(target, '__name__', target)} failed: {payload}")
+        raise RuntimeError(f"benchmark step {name} failed: {payload}")
     return payload
