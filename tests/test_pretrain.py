@@ -23,7 +23,7 @@ from volpre.data.manifest import load_manifest
 from volpre.engine import checkpoint as checkpoint_module
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from volpre.engine.trainer import pretrain
-from volpre.objectives import build_pretrainer
+from volpre.objectives import build_pretrainer, draw_and_forward
 
 FAST = ["data.num_workers=0"]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -49,7 +49,7 @@ def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
     crops = [c for i in range(len(groups)) for c in dataset[(0, i)]]
     batch = {"image": torch.stack([c["image"] for c in crops])}
     with torch.no_grad():
-        return float(model(batch, torch.Generator().manual_seed(5)).loss)
+        return float(draw_and_forward(model, batch, torch.Generator().manual_seed(5)).loss)
 
 
 @pytest.mark.parametrize("name", ["swin-dae-tiny", "swin-mvm-tiny", "resnet-dae-tiny", "resnet-mvm-tiny"])

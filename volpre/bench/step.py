@@ -94,7 +94,7 @@ def _measure(cfg: RunConfig, manifest_path: Path, steps: int, warmup: int, devic
         _synchronize(device)
         t2 = time.perf_counter()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(batch, generator)
+            out = model(batch, model.draw(batch, generator))
         _synchronize(device)
         t3 = time.perf_counter()
         scaler.scale(out.loss).backward()

@@ -281,9 +281,11 @@ class Pretraining:
         want_images = self.ctx.is_main and (self.step + 1) % t.image_every == 0
         for i, batch in enumerate(micro_batches):
             no_sync = i < n - 1 and isinstance(self.model, DistributedDataParallel)
+            # the step's random numbers are drawn eagerly, outside the (compiled) model
+            draws = self.module.draw(batch, self.generator)
             with self.model.no_sync() if no_sync else contextlib.nullcontext():
                 with torch.autocast(self.ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = self.model(batch, self.generator)
+                    out = self.model(batch, draws)
                 self.scaler.scale(out.loss / n).backward()
             loss = out.loss.detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss

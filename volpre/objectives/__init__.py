@@ -1,6 +1,6 @@
 """Pretraining objectives: disruptive autoencoder (``dae``) and masked volume modeling (``mvm``)."""
 
-from volpre.objectives.base import ObjectiveOutput, Pretrainer
+from volpre.objectives.base import ObjectiveOutput, Pretrainer, draw_and_forward
 from volpre.objectives.dae import DAEPretrainer
 from volpre.objectives.factory import MVM_VARIANTS, build_pretrainer
 from volpre.objectives.mvm import SimMIMPretrainer, SparKPretrainer
@@ -13,4 +13,5 @@ __all__ = [
     "SimMIMPretrainer",
     "SparKPretrainer",
     "build_pretrainer",
+    "draw_and_forward",
 ]

@@ -1,15 +1,24 @@
 """What every pretraining objective is: a :class:`Pretrainer` module returning an :class:`ObjectiveOutput`.
 
-The trainer wraps a ``Pretrainer`` in DDP and calls ``pretrainer(batch, generator)`` once per
-micro-step, where ``batch["image"]`` is ``(B, C, X, Y, Z)`` float on the training device,
-``batch.get("subject")`` an optional ``(B,)`` integer tensor of subject ids, and ``generator`` a
-seeded ``torch.Generator`` on the same device from which every random mask and disruption is
-drawn. Export takes ``pretrainer.encoder.state_dict()``; the decoder and any objective-specific
-parameters (mask tokens, projection heads) are dropped.
+A micro-step has two halves, so that the second can be compiled without graph breaks:
+
+1. ``draws = pretrainer.draw(batch, generator)``, run eagerly: every random number the step
+   needs (masks, noise, disruption strengths) drawn from ``generator``, a seeded
+   ``torch.Generator`` on the training device, into a dict of tensors. Seeded random ops are graph
+   breaks under ``torch.compile``; drawing them here also keeps resume exact (the generator's
+   state is checkpointed).
+2. ``pretrainer(batch, draws)`` (the DDP-wrapped, optionally compiled ``forward``): deterministic
+   given ``batch`` and ``draws``.
+
+``batch["image"]`` is ``(B, C, X, Y, Z)`` float on the training device and ``batch.get("subject")``
+an optional ``(B,)`` integer tensor of subject ids. :func:`draw_and_forward` runs both halves
+(tests and probes use it). Export takes ``pretrainer.encoder.state_dict()``; the decoder and any
+objective-specific parameters (mask tokens, projection heads) are dropped.
 """
 
 from __future__ import annotations
 
+import abc
 from typing import NamedTuple
 
 import torch
@@ -27,11 +36,12 @@ class ObjectiveOutput(NamedTuple):
     """Detached ``(B, C, X, Y, Z)`` volumes for logging: ``input``, ``corrupted``, ``reconstruction``."""
 
 
-class Pretrainer(nn.Module):
+class Pretrainer(nn.Module, abc.ABC):
     """An encoder, its pretraining decoder and the objective's own parameters.
 
-    Subclasses define ``forward(batch: dict, generator: torch.Generator) -> ObjectiveOutput`` and
-    create only parameters their forward uses (DDP rejects unused ones).
+    Subclasses define ``draw(batch, generator) -> dict[str, Tensor]`` and ``forward(batch, draws)
+    -> ObjectiveOutput`` (see the module docstring), and create only parameters their forward uses
+    (DDP rejects unused ones).
 
     Args:
         encoder: a volpre encoder (five maps at strides 2..32; ``feature_channels``).
@@ -43,16 +53,30 @@ class Pretrainer(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
+    @abc.abstractmethod
+    def draw(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Every random tensor one ``forward(batch, draws)`` needs, drawn from ``generator``."""
 
-def batch_image(batch: dict, generator: torch.Generator) -> torch.Tensor:
-    """Return ``batch["image"]`` after checking it is ``(B, C, X, Y, Z)`` float on the generator's device."""
+    @abc.abstractmethod
+    def forward(self, batch: dict, draws: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        """The micro-step's loss, its parts and logging images; deterministic given ``draws``."""
+
+
+def draw_and_forward(pretrainer: Pretrainer, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
+    """One micro-step's forward: ``pretrainer(batch, pretrainer.draw(batch, generator))``."""
+    return pretrainer(batch, pretrainer.draw(batch, generator))
+
+
+def batch_image(batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return ``batch["image"]`` after checking it is ``(B, C, X, Y, Z)`` float (on the generator's
+    device, when a generator is given: :meth:`Pretrainer.draw` checks that)."""
     if "image" not in batch:
         raise KeyError(f"the batch has no 'image' entry (keys: {sorted(batch)})")
     image = batch["image"]
     if not isinstance(image, torch.Tensor) or image.ndim != 5 or not image.is_floating_point():
         found = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"batch['image'] must be a float tensor (B, C, X, Y, Z), got {found}")
-    if generator.device != image.device:
+    if generator is not None and generator.device != image.device:
         raise ValueError(
             f"the random generator is on {generator.device} but batch['image'] is on {image.device}; "
             f"create the generator on the batch's device"

@@ -21,7 +21,14 @@ from volpre.config import DAEConfig
 from volpre.objectives.base import ObjectiveOutput, Pretrainer, batch_image
 from volpre.objectives.losses import multi_positive_info_nce, reconstruction_loss
 from volpre.objectives.masking import expand_mask, mask_grid_shape, random_grid_mask
-from volpre.objectives.perturbations import random_down_up_sample, random_gaussian_blur, random_gaussian_noise
+from volpre.objectives.perturbations import (
+    add_gaussian_noise,
+    down_up_sample,
+    draw_down_up_factor,
+    draw_gaussian_noise,
+    gaussian_blur,
+    random_uniform,
+)
 
 
 class DAEPretrainer(Pretrainer):
@@ -47,30 +54,53 @@ class DAEPretrainer(Pretrainer):
                 nn.Linear(deepest, deepest), nn.ReLU(inplace=True), nn.Linear(deepest, cfg.projection_dim)
             )
 
-    def disrupt(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One independent disruption of every crop.
+    @property
+    def views(self) -> int:
+        """Disruptions of each crop per step: 2 with the contrastive term, else 1."""
+        return 1 if self.projection is None else 2
+
+    def draw_disruption(self, shape: torch.Size, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The random parameters of one independent disruption of a batch of ``shape`` ``(N, C, X, Y, Z)``.
+
+        Returns a dict holding, for the configured disruptions only: ``downsample_factor`` ``(N,)``
+        long, ``blur_sigma`` ``(N,)`` float32, ``noise_std`` ``(N,)`` float32 and ``noise`` float32 of
+        ``shape``, ``mask`` ``(N, 1, gx, gy, gz)`` bool (``True`` = masked block); all on
+        ``generator.device``, drawn in that order.
+        """
+        cfg, n = self.cfg, shape[0]
+        draws: dict[str, torch.Tensor] = {}
+        if "downsample" in cfg.disruptions:
+            draws["downsample_factor"] = draw_down_up_factor(n, cfg.downsample_factors, generator)
+        if "blur" in cfg.disruptions:
+            draws["blur_sigma"] = random_uniform(n, cfg.blur_sigma, generator)
+        if "noise" in cfg.disruptions:
+            draws["noise_std"], draws["noise"] = draw_gaussian_noise(shape, cfg.noise_std, generator)
+        if "mask" in cfg.disruptions:
+            draws["mask"] = random_grid_mask(n, self._mask_grid(shape[2:]), cfg.mask_ratio, generator)
+        return draws
+
+    def disrupt(self, image: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply the disruption ``draws`` (from :meth:`draw_disruption`) to every crop.
 
         Args:
-            image: ``(B, C, X, Y, Z)`` float.
-            generator: on ``image``'s device.
+            image: ``(N, C, X, Y, Z)`` float.
+            draws: the parameters for a batch of ``image``'s shape.
 
         Returns:
-            ``(B, C, X, Y, Z)`` float32; masked blocks are exactly 0. Computed in float32 even under
+            ``(N, C, X, Y, Z)`` float32; masked blocks are exactly 0. Computed in float32 even under
             autocast, so the corruption does not depend on the training precision.
         """
         cfg = self.cfg
         with torch.autocast(device_type=image.device.type, enabled=False):
             x = image.float()
             if "downsample" in cfg.disruptions:
-                x, _ = random_down_up_sample(x, cfg.downsample_factors, generator)
+                x = down_up_sample(x, draws["downsample_factor"], cfg.downsample_factors)
             if "blur" in cfg.disruptions:
-                x, _ = random_gaussian_blur(x, cfg.blur_sigma, generator)
+                x = gaussian_blur(x, draws["blur_sigma"], max_sigma=cfg.blur_sigma[1])
             if "noise" in cfg.disruptions:
-                x, _ = random_gaussian_noise(x, cfg.noise_std, generator)
+                x = add_gaussian_noise(x, draws["noise_std"], draws["noise"])
             if "mask" in cfg.disruptions:
-                grid = self._mask_grid(x.shape[2:])
-                masked = random_grid_mask(x.shape[0], grid, cfg.mask_ratio, generator)
-                x = x.masked_fill(expand_mask(masked, x.shape[2:]), 0.0)
+                x = x.masked_fill(expand_mask(draws["mask"], x.shape[2:]), 0.0)
         return x
 
     def _mask_grid(self, spatial_shape: torch.Size) -> tuple[int, int, int]:
@@ -97,16 +127,22 @@ class DAEPretrainer(Pretrainer):
             raise ValueError(f"batch['subject'] must be an integer tensor of shape ({image.shape[0]},), got {found}")
         return subject.to(image.device)
 
-    def forward(self, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
-        """Disrupt ``batch["image"]`` ``(B, C, X, Y, Z)``, reconstruct it, return loss, parts and images."""
+    def draw(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The disruptions of every view: :meth:`draw_disruption` for ``views * B`` crops (view-major)."""
         image = batch_image(batch, generator)
+        return self.draw_disruption((self.views * image.shape[0], *image.shape[1:]), generator)
+
+    def forward(self, batch: dict, draws: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        """Disrupt ``batch["image"]`` ``(B, C, X, Y, Z)`` with ``draws``, reconstruct it, return loss,
+        parts and images."""
+        image = batch_image(batch)
         batch_size = image.shape[0]
-        views = 1 if self.projection is None else 2
+        views = self.views
         groups = None if self.projection is None else self._contrastive_groups(batch, image).repeat(views)
-        corrupted = torch.cat([self.disrupt(image, generator) for _ in range(views)])
+        target = image.float().repeat(views, 1, 1, 1, 1)
+        corrupted = self.disrupt(target, draws)
         features = self.encoder(corrupted)
         reconstruction = self.decoder(features)
-        target = image.float().repeat(views, 1, 1, 1, 1)
         reconstruction_term = reconstruction_loss(reconstruction, target, self.cfg.loss)
         loss = reconstruction_term
         parts = {"reconstruction": reconstruction_term.detach()}

@@ -97,11 +97,16 @@ class SimMIMPretrainer(Pretrainer):
         token = self.mask_token.to(embedding.dtype).view(1, -1, 1, 1, 1)
         return self.decoder(self.encoder.stages(torch.where(masked_tokens, token, embedding)))
 
-    def forward(self, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
-        """Mask ``batch["image"]`` ``(B, C, X, Y, Z)``, reconstruct, score the masked voxels."""
+    def draw(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``{"mask": (B, 1, gx, gy, gz) bool}``: the masked ``mask_patch^3`` cells of each crop."""
         image = batch_image(batch, generator)
-        masked_grid = _draw_mask(self.cfg, image, generator)
-        return _score(self.cfg, image, masked_grid, self.reconstruct(image, masked_grid))
+        return {"mask": _draw_mask(self.cfg, image, generator)}
+
+    def forward(self, batch: dict, draws: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        """Mask ``batch["image"]`` ``(B, C, X, Y, Z)`` with ``draws["mask"]``, reconstruct, score the
+        masked voxels."""
+        image = batch_image(batch)
+        return _score(self.cfg, image, draws["mask"], self.reconstruct(image, draws["mask"]))
 
 
 class SparKPretrainer(Pretrainer):
@@ -136,8 +141,13 @@ class SparKPretrainer(Pretrainer):
         ]
         return self.decoder(filled)
 
-    def forward(self, batch: dict, generator: torch.Generator) -> ObjectiveOutput:
-        """Mask ``batch["image"]`` ``(B, C, X, Y, Z)``, reconstruct, score the masked voxels."""
+    def draw(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``{"mask": (B, 1, gx, gy, gz) bool}``: the masked ``mask_patch^3`` cells of each crop."""
         image = batch_image(batch, generator)
-        masked_grid = _draw_mask(self.cfg, image, generator)
-        return _score(self.cfg, image, masked_grid, self.reconstruct(image, masked_grid))
+        return {"mask": _draw_mask(self.cfg, image, generator)}
+
+    def forward(self, batch: dict, draws: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        """Mask ``batch["image"]`` ``(B, C, X, Y, Z)`` with ``draws["mask"]``, reconstruct, score the
+        masked voxels."""
+        image = batch_image(batch)
+        return _score(self.cfg, image, draws["mask"], self.reconstruct(image, draws["mask"]))

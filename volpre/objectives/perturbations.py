@@ -1,9 +1,11 @@
 """Low-level image disruptions with per-sample random strength, vectorised over the batch.
 
-Every function takes ``x`` of shape ``(B, C, X, Y, Z)`` (float) and returns a tensor of the same
-shape, dtype and device. Random parameters are drawn as ``(B,)`` tensors from the caller's
-``torch.Generator`` (which must live on ``x``'s device), so the same generator state gives the same
-disruptions; the ``random_*`` functions return the drawn parameters beside the result.
+Each disruption comes in two halves: a ``draw_*`` function takes the caller's ``torch.Generator``
+and returns the random parameters as tensors on its device (so the same generator state gives the
+same disruptions), and a deterministic function applies them to ``x`` of shape ``(B, C, X, Y, Z)``
+(float), returning a tensor of the same shape, dtype and device. The draws run eagerly, outside a
+compiled step (seeded random ops are graph breaks under ``torch.compile``); the apply functions
+are plain tensor code.
 
 Blur and down-then-up sampling are convex combinations of input voxels, so they keep values in
 the input's ``[min, max]``; noise does not.
@@ -21,14 +23,6 @@ BLUR_TRUNCATE = 4.0
 """Gaussian kernels are cut at ``int(max(sigma * 4, 0.5) + 0.5)`` voxels, as MONAI's ``gaussian_1d``."""
 
 
-def _check_generator(x: torch.Tensor, generator: torch.Generator) -> None:
-    if generator.device != x.device:
-        raise ValueError(
-            f"the random generator is on {generator.device} but the images are on {x.device}; "
-            f"create the generator on the batch's device"
-        )
-
-
 def random_uniform(
     batch_size: int, value_range: tuple[float, float], generator: torch.Generator
 ) -> torch.Tensor:
@@ -37,18 +31,23 @@ def random_uniform(
     return low + (high - low) * torch.rand(batch_size, generator=generator, device=generator.device)
 
 
-def random_gaussian_noise(
-    x: torch.Tensor, std_range: tuple[float, float], generator: torch.Generator
+def draw_gaussian_noise(
+    shape: Sequence[int], std_range: tuple[float, float], generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add zero-mean Gaussian noise whose std is drawn per sample.
+    """Per-sample noise strengths and the unit noise for a batch of ``shape`` ``(B, C, X, Y, Z)``.
 
     Returns:
-        ``(x + std[b] * N(0, 1), std)`` with ``std`` ``(B,)`` float32 in ``std_range``.
+        ``(std, noise)``: ``std`` ``(B,)`` float32 uniform in ``std_range``; ``noise`` float32
+        standard normal of ``shape``. :func:`add_gaussian_noise` applies them.
     """
-    _check_generator(x, generator)
-    std = random_uniform(x.shape[0], std_range, generator)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return x + std.to(x.dtype).view(-1, 1, 1, 1, 1) * noise, std
+    std = random_uniform(shape[0], std_range, generator)
+    noise = torch.randn(tuple(shape), generator=generator, device=generator.device)
+    return std, noise
+
+
+def add_gaussian_noise(x: torch.Tensor, std: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``x + std[b] * noise`` per sample: ``x`` and ``noise`` ``(B, C, X, Y, Z)``, ``std`` ``(B,)``."""
+    return x + std.to(x.dtype).view(-1, 1, 1, 1, 1) * noise.to(x.dtype)
 
 
 def gaussian_kernels(sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
@@ -95,19 +94,6 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
     return out
 
 
-def random_gaussian_blur(
-    x: torch.Tensor, sigma_range: tuple[float, float], generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blur each sample with a sigma drawn uniformly from ``sigma_range`` (voxels).
-
-    Returns:
-        ``(blurred, sigma)``; ``sigma`` is ``(B,)`` float32.
-    """
-    _check_generator(x, generator)
-    sigma = random_uniform(x.shape[0], sigma_range, generator)
-    return gaussian_blur(x, sigma, max_sigma=sigma_range[1]), sigma
-
-
 def down_up_sample(x: torch.Tensor, factor: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     """Average-pool by an integer factor, then upsample trilinearly back, per sample.
 
@@ -132,17 +118,10 @@ def down_up_sample(x: torch.Tensor, factor: torch.Tensor, factors: Sequence[int]
     return out
 
 
-def random_down_up_sample(
-    x: torch.Tensor, factors: Sequence[int], generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Down-then-up sample each sample by a factor drawn uniformly from ``factors``.
-
-    Returns:
-        ``(low_resolution, factor)``; ``factor`` is ``(B,)`` long.
-    """
-    _check_generator(x, generator)
-    choice = torch.randint(len(factors), (x.shape[0],), generator=generator, device=x.device)
+def draw_down_up_factor(batch_size: int, factors: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """``(B,)`` long on ``generator.device``: a factor drawn uniformly from ``factors`` per sample."""
+    choice = torch.randint(len(factors), (batch_size,), generator=generator, device=generator.device)
     factor = torch.zeros_like(choice)
-    for index, f in enumerate(factors):
+    for index, f in enumerate(factors):  # no host-to-device copy of the factor list
         factor = torch.where(choice == index, f, factor)
-    return down_up_sample(x, factor, factors), factor
+    return factor
