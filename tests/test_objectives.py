@@ -11,6 +11,7 @@ from monai.losses import ContrastiveLoss
 from monai.networks.layers import gaussian_1d, separable_filtering
 from monai.networks.nets import SwinUNETR
 
+from child_processes import SPAWN, join_or_kill, spawned
 from volpre.config import ConfigError, config_from_dict
 from volpre.models import FEATURE_STRIDES, ResNet3DEncoder
 from volpre.objectives import (
@@ -261,6 +262,42 @@ def test_info_nce_without_any_positive_is_zero_with_finite_gradient(n):
     loss = multi_positive_info_nce(z, torch.arange(n), 0.1)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
+
+
+def _info_nce_on_rank(rank: int, world: int, init_file: str, z_all, groups_all, result_queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        n = z_all.shape[0] // world
+        z = z_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        loss = multi_positive_info_nce(z, groups_all[rank * n:(rank + 1) * n], 0.3)
+        loss.backward()
+        result_queue.put((rank, loss.detach(), z.grad))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_info_nce_under_two_processes_uses_the_global_batch_and_its_gradient(tmp_path):
+    """Each rank's anchors meet every rank's rows; the mean of the ranks' losses is the one-process
+    loss of the whole batch, and each rank's gradient (summed over ranks by the gather, then
+    averaged by DDP) is that loss's gradient."""
+    world, z_all = 2, torch.randn(8, 6, generator=_gen(4))
+    groups_all = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])  # every positive lives on the other rank
+    queue = SPAWN.Queue()
+    ranks = [SPAWN.Process(target=_info_nce_on_rank, args=(r, world, str(tmp_path / "pg"), z_all, groups_all, queue))
+             for r in range(world)]
+    with spawned(ranks):
+        results = dict((rank, (loss, grad)) for rank, loss, grad in (queue.get(timeout=120) for _ in ranks))
+        assert join_or_kill(ranks, timeout=60) == [0, 0]
+    reference_z = z_all.clone().requires_grad_(True)
+    reference = multi_positive_info_nce(reference_z, groups_all, 0.3)
+    reference.backward()
+    torch.testing.assert_close((results[0][0] + results[1][0]) / world, reference)
+    averaged_grad = torch.cat([results[0][1], results[1][1]]) / world
+    torch.testing.assert_close(averaged_grad, reference_z.grad)
+    # one process alone would find no positive at all for these anchors
+    assert multi_positive_info_nce(z_all[:4], groups_all[:4], 0.3) == 0
 
 
 # ----------------------------------------------------------------------------- SparK sparse ResNet

@@ -30,7 +30,7 @@ from volpre.data.manifest import load_manifest
 from volpre.data.synthetic import write_demo_data
 from volpre.engine.batches import to_device
 from volpre.engine.trainer import param_groups
-from volpre.objectives import build_pretrainer
+from volpre.objectives import build_pretrainer, samples_by_subject
 
 PHASES = ("data_wait", "host_to_device", "forward", "backward", "optimizer")
 
@@ -66,9 +66,7 @@ def _measure(cfg: RunConfig, manifest_path: Path, steps: int, warmup: int, devic
     report = build_cache(entries, cache, cfg.data.num_workers)
     if not report.ok:
         say(f"{len(report.failures)} entries failed their checks; their items are replaced by others")
-    by_subject = cfg.objective.name == "dae" and cfg.objective.dae.contrastive_weight > 0 and (
-        cfg.objective.dae.contrastive_pairs == "subject")
-    groups = VolumeGroups.build(entries, by_subject=by_subject)
+    groups = VolumeGroups.build(entries, by_subject=samples_by_subject(cfg))
     dataset = PretrainDataset(groups, cfg.preprocess, cfg.data, cfg.train.seed, crops=CachedCrops(cache, cfg.data))
     loader = crop_loader(dataset, InfiniteShardSampler(len(groups), cfg.train.seed), cfg.data,
                          pin_memory=device.type == "cuda")

@@ -36,7 +36,7 @@ from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from volpre.engine.distributed import DistContext, setup_distributed, teardown_distributed
 from volpre.engine.logging import RunLogger
-from volpre.objectives import build_pretrainer
+from volpre.objectives import build_pretrainer, samples_by_subject
 from volpre.versions import installed_versions
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,7 @@ class Pretraining:
         entries = [e for e in manifest.entries if splits is None or e.split in splits]
         if not entries:
             raise ValueError(f"manifest {manifest_path}: no entries in splits {', '.join(splits or ())}")
-        by_subject = cfg.objective.name == "dae" and cfg.objective.dae.contrastive_weight > 0 and (
-            cfg.objective.dae.contrastive_pairs == "subject")
-        self.groups = VolumeGroups.build(entries, by_subject=by_subject)
+        self.groups = VolumeGroups.build(entries, by_subject=samples_by_subject(cfg))
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.module = build_pretrainer(cfg).to(ctx.device)

@@ -2,7 +2,7 @@
 
 from volpre.objectives.base import ObjectiveOutput, Pretrainer, draw_and_forward
 from volpre.objectives.dae import DAEPretrainer
-from volpre.objectives.factory import MVM_VARIANTS, build_pretrainer
+from volpre.objectives.factory import MVM_VARIANTS, build_pretrainer, samples_by_subject
 from volpre.objectives.mvm import SimMIMPretrainer, SparKPretrainer
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "SparKPretrainer",
     "build_pretrainer",
     "draw_and_forward",
+    "samples_by_subject",
 ]

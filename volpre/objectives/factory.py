@@ -12,6 +12,13 @@ MVM_VARIANTS: dict[str, type[Pretrainer]] = {"swin": SimMIMPretrainer, "resnet":
 """Masked volume modeling variant per encoder name (``model.encoder``)."""
 
 
+def samples_by_subject(run_cfg: RunConfig) -> bool:
+    """Whether the objective needs dataset items that hold all scans of one subject (its positives
+    come from several scans of a patient), rather than one item per scan."""
+    dae = run_cfg.objective.dae
+    return run_cfg.objective.name == "dae" and dae.contrastive_weight > 0 and dae.contrastive_pairs == "subject"
+
+
 def build_pretrainer(run_cfg: RunConfig) -> Pretrainer:
     """Encoder + decoder + objective for ``run_cfg.model`` and ``run_cfg.objective`` (on the CPU)."""
     encoder = build_encoder(run_cfg.model)

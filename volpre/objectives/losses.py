@@ -1,5 +1,6 @@
 """Loss terms shared by the objectives: masked reconstruction, per-patch target normalisation and
-multi-positive InfoNCE. All reduce on the device (no host sync) and compute in float32.
+multi-positive InfoNCE over the global batch. All reduce on the device (no host sync) and compute
+in float32.
 """
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 PATCH_NORM_EPS = 1e-6
@@ -70,28 +73,56 @@ def normalize_patches(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.
     )
 
 
-def multi_positive_info_nce(embeddings: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
-    """InfoNCE with any number of positives per anchor (SupCon's "L_out" form).
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    Every row is an anchor; its positives are the other rows with the same group id, and the softmax
-    runs over all other rows. With two views per group this is NT-Xent (SimCLR). Anchors without a
-    positive are left out; if no anchor has one, the loss is 0 (finite, with zero gradient).
+
+def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``x`` in rank order, with gradients flowing back to each rank.
 
     Args:
-        embeddings: ``(N, D)`` float (normalised to unit length here).
+        x: ``(N, ...)`` with the same shape on every rank.
+
+    Returns:
+        ``(world_size * N, ...)``; rows ``[rank * N, (rank + 1) * N)`` are this rank's ``x``. In one
+        process (or without an initialised process group) ``x`` itself. The backward pass sums the
+        gradient every rank computes for a row (``torch.distributed.nn.functional.all_gather``),
+        so with DDP averaging the result is the gradient of the mean of the ranks' losses.
+    """
+    if not _distributed():
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def multi_positive_info_nce(embeddings: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE with any number of positives per anchor (SupCon's "L_out" form), over the global batch.
+
+    Every local row is an anchor. Its candidates are all rows of every rank (gathered with
+    :func:`gather_across_ranks`, so under DDP the negatives are the global batch, not this rank's
+    few crops) except itself; its positives are the candidates with the same group id. With two
+    views per group this is NT-Xent (SimCLR). Anchors without a positive are left out; if no local
+    anchor has one, the loss is 0 (finite, with zero gradient). Group ids must mean the same on
+    every rank (e.g. global subject indices).
+
+    Args:
+        embeddings: ``(N, D)`` float, this rank's rows (normalised to unit length here).
         groups: ``(N,)`` integer group ids on the same device.
         temperature: softmax temperature, > 0.
 
     Returns:
-        Scalar float32: mean over anchors with positives of
+        Scalar float32: mean over local anchors with positives of
         ``-mean_p log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t))``.
     """
     z = F.normalize(embeddings.float(), dim=1)
     n = z.shape[0]
-    self_pair = torch.eye(n, dtype=torch.bool, device=z.device)
-    logits = (z @ z.T / temperature).masked_fill(self_pair, _LOGIT_OF_SELF)
+    candidates = gather_across_ranks(z)
+    candidate_groups = gather_across_ranks(groups.detach())
+    offset = dist.get_rank() * n if _distributed() else 0
+    own = torch.arange(n, device=z.device) + offset
+    self_pair = torch.arange(candidates.shape[0], device=z.device).view(1, -1) == own.view(-1, 1)
+    logits = (z @ candidates.T / temperature).masked_fill(self_pair, _LOGIT_OF_SELF)
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positive = (groups.view(-1, 1) == groups.view(1, -1)) & ~self_pair
+    positive = (groups.view(-1, 1) == candidate_groups.view(1, -1)) & ~self_pair
     positive_count = positive.sum(dim=1)
     anchor_loss = -(log_prob * positive).sum(dim=1) / positive_count.clamp_min(1)
     has_positive = (positive_count > 0).to(anchor_loss.dtype)
