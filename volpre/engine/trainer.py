@@ -32,6 +32,7 @@ from volpre.config import RunConfig, config_from_dict
 from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
 from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups, crop_loader
 from volpre.data.manifest import load_manifest
+from volpre.data.nnunet_plan import NNUNetPlan, resolve_run_config
 from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from volpre.engine.distributed import DistContext, setup_distributed, teardown_distributed
@@ -175,6 +176,13 @@ class Pretraining:
                 "or choose another --output"
             )
         self.cfg = cfg
+        # the nnunet encoder's plan decides its preprocessing; the checkpoint keeps a copy for export
+        self.plan = NNUNetPlan.load(cfg.model.nnunet) if cfg.model.encoder == "nnunet" else None
+        if saved is not None and self.plan is not None and saved.get("nnunet_plans") != self.plan.plans:
+            raise CheckpointError(
+                f"--resume: the nnU-Net plans {self.plan.source} differ from those the run started with (kept in "
+                f"{self.checkpoints.last}); exact resume needs the same plans"
+            )
         self.checkpoints.keep_last = cfg.train.keep_last
         self.manifest_path = Path(manifest_path)
         manifest = load_manifest(self.manifest_path)
@@ -244,6 +252,7 @@ class Pretraining:
             "encoder": self.cfg.model.encoder,
             "versions": installed_versions(),
             "manifest": {"path": str(self.manifest_path.resolve()), "sha256": self.manifest_sha256},
+            "nnunet_plans": None if self.plan is None else self.plan.plans,
         }
 
     def _gather_rng(self) -> list:
@@ -260,7 +269,7 @@ class Pretraining:
         cfg, ctx = self.cfg, self.ctx
         bad_log = BadEntryLog(self.output / "bad_entries.jsonl")
         # preprocessed once per volume into the node's shared cache (built on first use), crops read from it
-        cache = VolumeCache.create(cache_dir_for(cfg.data, self.manifest_path), cfg.preprocess)
+        cache = VolumeCache.create(cache_dir_for(cfg.data, self.manifest_path), cfg.preprocess, self.plan)
         dataset = PretrainDataset(self.groups, cfg.preprocess, cfg.data, cfg.train.seed,
                                   crops=CachedCrops(cache, cfg.data), bad_entries=bad_log)
         sampler = InfiniteShardSampler(len(self.groups), cfg.train.seed, ctx.rank, ctx.world_size,
@@ -413,6 +422,8 @@ def pretrain(cfg: RunConfig | None, manifest: Path, output: Path, max_steps: int
     try:
         if cfg is None and not resume:
             raise ValueError("a config is needed unless --resume takes it from the checkpoint")
+        if cfg is not None:
+            cfg = resolve_run_config(cfg)  # data.roi: null -> the nnU-Net plan's patch size
         run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits)
         return run.run(max_steps if max_steps is not None else run.cfg.train.total_steps)
     finally:
