@@ -106,8 +106,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if cfg is None and args.overrides:
         raise UserError("key=value overrides need --config (with --resume, give the run's config too)")
     splits = tuple(args.splits.split(",")) if args.splits else None
+    init = None if args.init is None else (args.init, args.init_format)
+    if init is None and args.init_format != "auto":
+        raise UserError("--init-format names the layout of an --init file; give --init PATH")
     result = pretrain(cfg, Path(args.manifest), Path(args.output), max_steps=args.max_steps,
-                      resume=args.resume, device=args.device, splits=splits)
+                      resume=args.resume, device=args.device, splits=splits, init=init)
     if result.checkpoint is not None:
         print(f"step {result.final_step}: checkpoint {result.checkpoint}")
     if result.bad_entries:
@@ -342,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from checkpoints/last.pt")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--splits", help="comma-separated manifest splits to pretrain on (default: every entry)")
+    p.add_argument("--init", type=Path, metavar="PATH", help="start the encoder from these weights (loaded strictly): "
+                   "a volpre checkpoint, a volpre bundle (folder or models/pretrained_encoder.pt), MedicalNet "
+                   "resnet_N_23dataset.pth (MONAI research-contributions' model_swinvit.pt is recognised and refused: "
+                   "see the message)")
+    p.add_argument("--init-format", default="auto", choices=["auto", "monai-swin-ssl", "medicalnet", "volpre", "bundle"],
+                   help="layout of the --init file (default: recognised from the file)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(run=_cmd_pretrain)
 
@@ -479,6 +488,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         types.append(sys.modules["volpre.engine.checkpoint"].CheckpointError)
     if "volpre.export.weights" in sys.modules:
         types.append(sys.modules["volpre.export.weights"].WeightsError)
+    if "volpre.models.init_weights" in sys.modules:
+        types.append(sys.modules["volpre.models.init_weights"].InitWeightsError)
     return tuple(types)
 
 
