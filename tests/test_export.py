@@ -330,7 +330,7 @@ def test_export_arguments_are_checked(tmp_path, swin_checkpoint, resnet_checkpoi
                                          r".* can hold swinunetr"):
         export_bundle(swin_checkpoint, "segmentation", tmp_path / "b", network="flexibleunet", out_channels=2)
     with pytest.raises(ValueError, match=r"roi_size: got \[32, 32, 32\]; SwinUNETR needs at least 64 voxels per axis"):
-        export_bundle(swin_checkpoint, "segmentation", tmp_path / "b", out_channels=2)
+        export_bundle(swin_checkpoint, "segmentation", tmp_path / "b", out_channels=2, roi_size=(32, 32, 32))
     with pytest.raises(ValueError, match=r"roi_size: got \[48, 64, 64\], expected three positive multiples of 32"):
         export_bundle(resnet_checkpoint, "survival", tmp_path / "b", roi_size=(48, 64, 64))
     with pytest.raises(ValueError, match=r"modality: got 'PET', expected 'CT' or 'MR'"):
