@@ -11,11 +11,14 @@ DEMO_OUT ?= demo_run
 
 setup: $(VENV)/.installed
 
+# Every install after torch's runs under a constraint on the torch just installed: the test extra
+# holds nnU-Net, whose timm -> torchvision would otherwise replace the CPU torch with a CUDA build.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -c 'import torch; print("torch==" + torch.__version__)' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install --quiet -e ".[test]" -c $(VENV)/torch-constraint.txt
 	touch $@
 
 demo: setup

@@ -2,10 +2,10 @@
 
 Run by ``docker/Dockerfile`` with the base image's Python, before volpre's source is copied::
 
-    python image_requirements.py SETUP_CFG REQUIREMENTS_OUT CONSTRAINTS_OUT
+    python image_requirements.py SETUP_CFG REQUIREMENTS_OUT CONSTRAINTS_OUT [EXTRA ...]
 
-- ``REQUIREMENTS_OUT``: volpre's ``[options] install_requires`` from ``SETUP_CFG``, one requirement
-  a line. The dependencies then install from setup.cfg alone, so that Docker layer is rebuilt only
+- ``REQUIREMENTS_OUT``: volpre's ``[options] install_requires`` from ``SETUP_CFG``, then the requirements
+  of each named ``[options.extras_require]`` EXTRA (e.g. ``nnunet``), one requirement a line. The dependencies then install from setup.cfg alone, so that Docker layer is rebuilt only
   when setup.cfg changes, not on every source edit.
 - ``CONSTRAINTS_OUT``: ``torch==<version>`` of the torch installed for this interpreter (in the
   image: the base image's CUDA build, e.g. ``2.9.1+cu128``). With it pip keeps that build; a
@@ -50,6 +50,16 @@ def install_requires(setup_cfg: Path) -> list[str]:
     return requirements
 
 
+def extra_requires(setup_cfg: Path, extra: str) -> list[str]:
+    """The requirement strings of ``[options.extras_require] EXTRA`` in ``setup_cfg``, in file order."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(setup_cfg, encoding="utf-8")
+    if not parser.has_option("options.extras_require", extra):
+        raise ImageRequirementsError(f"{setup_cfg}: no extra {extra!r} in the [options.extras_require] section")
+    lines = [line.split("#", 1)[0].strip() for line in parser.get("options.extras_require", extra).splitlines()]
+    return [line for line in lines if line]
+
+
 def installed_torch_constraint() -> str:
     """``torch==<version>`` of the torch this interpreter would import (local label included)."""
     try:
@@ -63,12 +73,14 @@ def installed_torch_constraint() -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: image_requirements.py SETUP_CFG REQUIREMENTS_OUT CONSTRAINTS_OUT", file=sys.stderr)
+    if len(argv) < 3:
+        print("usage: image_requirements.py SETUP_CFG REQUIREMENTS_OUT CONSTRAINTS_OUT [EXTRA ...]", file=sys.stderr)
         return 2
-    setup_cfg, requirements_out, constraints_out = (Path(a) for a in argv)
+    setup_cfg, requirements_out, constraints_out = (Path(a) for a in argv[:3])
     try:
         requirements = install_requires(setup_cfg)
+        for extra in argv[3:]:
+            requirements += extra_requires(setup_cfg, extra)
         constraint = installed_torch_constraint()
     except ImageRequirementsError as error:
         print(f"image_requirements.py: error: {error}", file=sys.stderr)

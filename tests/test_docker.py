@@ -185,6 +185,18 @@ def test_constraint_pins_the_installed_torch_which_satisfies_setup_cfg(tmp_path)
     assert cons.read_text() == constraint + "\n"
 
 
+def test_image_requirements_add_the_nnunet_extra_the_dockerfile_names(tmp_path, capsys):
+    nnunet = image_requirements.extra_requires(REPO / "setup.cfg", "nnunet")
+    assert {Requirement(r).name for r in nnunet} == {"nnunetv2", "dynamic-network-architectures"}
+    reqs = tmp_path / "requirements.txt"
+    assert image_requirements.main([str(REPO / "setup.cfg"), str(reqs), str(tmp_path / "c.txt"), "nnunet"]) == 0
+    assert reqs.read_text().splitlines() == image_requirements.install_requires(REPO / "setup.cfg") + nnunet
+    deps = next(args for keyword, args in _instructions(DOCKERFILE) if keyword == "RUN" and "image_requirements" in args)
+    assert deps.split("/opt/volpre/constraints.txt", 1)[1].split()[0] == "nnunet"
+    assert image_requirements.main([str(REPO / "setup.cfg"), str(reqs), str(tmp_path / "c.txt"), "nope"]) == 2
+    assert "no extra 'nope' in the [options.extras_require] section" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("content, message", [
     (None, r"setup\.cfg: no such file \(expected volpre's setup\.cfg\)"),
     ("[metadata]\nname = x\n", r"setup\.cfg: no install_requires in the \[options\] section"),

@@ -18,7 +18,7 @@ import torch
 from ignite.engine import Engine
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from volpre.config import load_config
+from volpre.config import load_config, shipped_configs
 from volpre.engine.checkpoint import CheckpointError
 from volpre.export import export_bundle, read_pretrained_encoder
 from volpre.export import builder, datalist, finetune, keymap, networks
@@ -330,7 +330,7 @@ def test_export_arguments_are_checked(tmp_path, swin_checkpoint, resnet_checkpoi
                                          r".* can hold swinunetr"):
         export_bundle(swin_checkpoint, "segmentation", tmp_path / "b", network="flexibleunet", out_channels=2)
     with pytest.raises(ValueError, match=r"roi_size: got \[32, 32, 32\]; SwinUNETR needs at least 64 voxels per axis"):
-        export_bundle(swin_checkpoint, "segmentation", tmp_path / "b", out_channels=2)
+        export_bundle(swin_checkpoint, "segmentation", tmp_path / "b", out_channels=2, roi_size=(32, 32, 32))
     with pytest.raises(ValueError, match=r"roi_size: got \[48, 64, 64\], expected three positive multiples of 32"):
         export_bundle(resnet_checkpoint, "survival", tmp_path / "b", roi_size=(48, 64, 64))
     with pytest.raises(ValueError, match=r"modality: got 'PET', expected 'CT' or 'MR'"):
@@ -447,3 +447,23 @@ def test_freeze_encoder_freezes_the_first_epochs_then_trains_it():
     assert trainable == [False, False, True] and changed == [False, False, True]
     with pytest.raises(ValueError, match=r"freeze_encoder_epochs must be an integer >= 0, got -1"):
         finetune.FreezeEncoder(net, epochs=-1)
+
+
+# ----------------------------------------------------------------------------- defaults that work
+
+
+@pytest.mark.parametrize("config", [c for c in shipped_configs() if not c.startswith("nnunet")])
+def test_export_with_default_options_succeeds_for_every_shipped_config(config, tmp_path):
+    """``volpre export CKPT --task segmentation --out-channels 3 --out B`` (nnunet configs: tests/test_nnunet.py)."""
+    checkpoint = make_checkpoint(tmp_path / "ckpt.pt", config)
+    bundle = export_bundle(checkpoint, "segmentation", tmp_path / "seg", out_channels=3)
+    train = json.loads((bundle / "configs/train.json").read_text())
+    pretraining = list(load_config(config).data.roi)
+    readme = (bundle / "docs/README.md").read_text()
+    if load_config(config).model.encoder == "swin" and min(pretraining) < builder.SWINUNETR_MIN_TRAIN_ROI:
+        assert train["roi_size"] == [max(r, 64) for r in pretraining]
+        assert f"the pretraining crop {pretraining} raised to {train['roi_size']}, the smallest crop SwinUNETR" in readme
+    else:
+        assert train["roi_size"] == pretraining
+    if config.endswith("-tiny"):
+        export_bundle(checkpoint, "survival", tmp_path / "surv")

@@ -106,8 +106,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if cfg is None and args.overrides:
         raise UserError("key=value overrides need --config (with --resume, give the run's config too)")
     splits = tuple(args.splits.split(",")) if args.splits else None
+    init = None if args.init is None else (args.init, args.init_format)
+    if init is None and args.init_format != "auto":
+        raise UserError("--init-format names the layout of an --init file; give --init PATH")
     result = pretrain(cfg, Path(args.manifest), Path(args.output), max_steps=args.max_steps,
-                      resume=args.resume, device=args.device, splits=splits)
+                      resume=args.resume, device=args.device, splits=splits, init=init)
     if result.checkpoint is not None:
         print(f"step {result.final_step}: checkpoint {result.checkpoint}")
     if result.bad_entries:
@@ -186,12 +189,32 @@ def _cmd_bench_ct_volumes(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- export
 
 
+def _cmd_export_nnunet(args: argparse.Namespace) -> int:
+    from volpre.export.nnunet import export_nnunet
+
+    bundle_only = {"--network": args.network, "--manifest": args.manifest, "--modality": args.modality,
+                   "--out-channels": args.out_channels, "--roi": args.roi}
+    given = [flag for flag, value in bundle_only.items() if value is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: bundle options; --task nnunet writes nnU-Net weights, whose network, "
+                        "classes and patch size come from the nnU-Net plans")
+    try:
+        export = export_nnunet(args.checkpoint, args.out, weights=args.weights)
+    except (ValueError, FileExistsError) as error:
+        raise UserError(str(error)) from error
+    print(f"wrote nnU-Net pretrained weights {export.weights_file} ({export.keys} tensors) and {export.readme}")
+    print(f"fine-tune: {export.command}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from volpre.export import export_bundle
 
+    if args.task == "nnunet":
+        return _cmd_export_nnunet(args)
     try:
         bundle = export_bundle(args.checkpoint, args.task, args.out, network=args.network, manifest=args.manifest,
-                               modality=args.modality, out_channels=args.out_channels,
+                               modality=args.modality or "CT", out_channels=args.out_channels,
                                roi_size=tuple(args.roi) if args.roi else None, weights=args.weights)
     except (ValueError, FileExistsError) as error:  # arguments that do not fit the checkpoint or task
         raise UserError(str(error)) from error
@@ -322,25 +345,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from checkpoints/last.pt")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--splits", help="comma-separated manifest splits to pretrain on (default: every entry)")
+    p.add_argument("--init", type=Path, metavar="PATH", help="start the encoder from these weights (loaded strictly): "
+                   "a volpre checkpoint, a volpre bundle (folder or models/pretrained_encoder.pt), MedicalNet "
+                   "resnet_N_23dataset.pth (MONAI research-contributions' model_swinvit.pt is recognised and refused: "
+                   "see the message)")
+    p.add_argument("--init-format", default="auto", choices=["auto", "monai-swin-ssl", "medicalnet", "volpre", "bundle"],
+                   help="layout of the --init file (default: recognised from the file)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     p.set_defaults(run=_cmd_pretrain)
 
-    p = sub.add_parser("export", help="build a MONAI bundle (segmentation or survival) from a pretraining checkpoint",
+    p = sub.add_parser("export", help="build a MONAI bundle (segmentation or survival) or nnU-Net weights from a "
+                       "pretraining checkpoint",
                        description="Build a MONAI bundle that fine-tunes the checkpoint's encoder: SwinUNETR (Swin "
                        "encoders) or FlexibleUNet (ResNet encoders) for segmentation, SurvivalNet for survival. The "
                        "encoder weights are mapped to MONAI key names and loaded strictly; the bundle runs with "
-                       "`python -m monai.bundle run` (see DIR/docs/README.md).")
+                       "`python -m monai.bundle run` (see DIR/docs/README.md). With --task nnunet (checkpoints of "
+                       "the nnunet encoder): write FILE.pth for `nnUNetv2_train ... -pretrained_weights FILE.pth` "
+                       "and FILE.md with the exact command.")
     p.add_argument("checkpoint", type=Path, help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
-    p.add_argument("--task", required=True, choices=["segmentation", "survival"])
-    p.add_argument("--out", required=True, type=Path, help="bundle folder to create (must not exist or be empty)")
+    p.add_argument("--task", required=True, choices=["segmentation", "survival", "nnunet"])
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to create (must not exist or be empty); "
+                   "--task nnunet: the weights file to create (FILE.pth; FILE.md is written beside it)")
     p.add_argument("--network", choices=["swinunetr", "flexibleunet", "survivalnet"],
                    help="default: the one fitting the task and the checkpoint's encoder")
     p.add_argument("--manifest", type=Path, help="manifest the bundle fine-tunes on by default "
                    "(its entries' split: train/val/test); override at run time with --manifest")
-    p.add_argument("--modality", choices=["CT", "MR"], default="CT", help="entries and preset the bundle uses")
+    p.add_argument("--modality", choices=["CT", "MR"], help="entries and preset the bundle uses (default CT)")
     p.add_argument("--out-channels", type=int, help="segmentation: number of classes including background")
     p.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"),
-                   help="crop size for fine-tuning (default: the pretraining crop; SwinUNETR needs >= 64)")
+                   help="crop size for fine-tuning (default: the pretraining crop, raised to 64 per axis for "
+                   "SwinUNETR, the smallest it trains on)")
     p.add_argument("--weights", choices=["model", "ema"], default="model",
                    help="export the trained weights or their moving average (if the run kept one)")
     p.set_defaults(run=_cmd_export)
@@ -454,6 +488,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         types.append(sys.modules["volpre.engine.checkpoint"].CheckpointError)
     if "volpre.export.weights" in sys.modules:
         types.append(sys.modules["volpre.export.weights"].WeightsError)
+    if "volpre.models.init_weights" in sys.modules:
+        types.append(sys.modules["volpre.models.init_weights"].InitWeightsError)
     return tuple(types)
 
 

@@ -6,7 +6,7 @@ A run config has five sections, each a dataclass below:
   intensity normalisation, foreground crop). Its hash keys the preprocessed cache.
 - ``data``: random crop sampling and loading (crop size, crops per volume, batch, workers,
   what to do with a bad entry).
-- ``model``: the encoder (``swin`` or ``resnet``) and its pretraining decoder.
+- ``model``: the encoder (``swin``, ``resnet`` or ``nnunet``) and its pretraining decoder.
 - ``objective``: ``dae`` (disruptive autoencoder) or ``mvm`` (masked volume modeling).
 - ``train``: optimiser, schedule, precision, checkpoints and logging.
 
@@ -74,8 +74,9 @@ class PreprocessConfig:
 class DataConfig:
     """Random crops and loading."""
 
-    roi: tuple[int, int, int] = (96, 96, 96)
-    """Crop size in voxels (X, Y, Z). Swin encoders need multiples of 32."""
+    roi: tuple[int, int, int] | None = (96, 96, 96)
+    """Crop size in voxels (X, Y, Z). Swin and ResNet encoders need multiples of 32. ``null`` only with
+    the ``nnunet`` encoder: the plan's patch size (in the plan's axis order)."""
     crops_per_volume: int = 2
     """Random crops drawn from each volume each time it is visited."""
     batch_size: int = 2
@@ -89,7 +90,7 @@ class DataConfig:
     ``None`` means ``<manifest dir>/.volpre_cache``."""
 
     def validate(self) -> None:
-        if any(r <= 0 for r in self.roi):
+        if self.roi is not None and any(r <= 0 for r in self.roi):
             raise ConfigError(f"data.roi must be positive voxel counts, got {list(self.roi)}")
         for key in ("crops_per_volume", "batch_size"):
             if getattr(self, key) < 1:
@@ -149,16 +150,33 @@ class ResNetConfig:
 
 
 @dataclass
+class NNUNetConfig:
+    """The network nnU-Net v2 builds from a plans file (``volpre.models.nnunet``; needs ``volpre[nnunet]``).
+
+    Pretraining then also preprocesses as the plan says (its target spacing and per-channel
+    normalisation, ``volpre.data.nnunet_plan``), so pretraining and fine-tuning see the same intensities.
+    """
+
+    plans: str | None = None
+    """The plans file ``nnUNetv2_plan_and_preprocess`` wrote (``nnUNet_preprocessed/DatasetXXX/nnUNetPlans.json``);
+    required with ``model.encoder: nnunet``."""
+    configuration: str = "3d_fullres"
+    """The plan's configuration whose network and preprocessing to use (a 3D one)."""
+
+
+@dataclass
 class ModelConfig:
-    encoder: Literal["swin", "resnet"] = "swin"
+    encoder: Literal["swin", "resnet", "nnunet"] = "swin"
     """Encoder family (the name in ``volpre.models.ENCODERS``); its section below sets its shape."""
     in_channels: int = 1
     """Input channels (1 for CT or a single MR sequence; more for stacked MR sequences)."""
     decoder_channels: int = 32
     """Width of the light pretraining decoder's finest stage (dropped at export); the stage at stride
-    ``2**(i+1)`` has ``decoder_channels * 2**i`` channels. A multiple of 8 (GroupNorm with 8 groups)."""
+    ``2**(i+1)`` has ``decoder_channels * 2**i`` channels. A multiple of 8 (GroupNorm with 8 groups).
+    Not used by the ``nnunet`` encoder, which reconstructs through nnU-Net's own decoder."""
     swin: SwinConfig = field(default_factory=SwinConfig)
     resnet: ResNetConfig = field(default_factory=ResNetConfig)
+    nnunet: NNUNetConfig = field(default_factory=NNUNetConfig)
 
     def validate(self) -> None:
         if self.in_channels < 1:
@@ -243,8 +261,10 @@ class MVMConfig:
 
     mask_ratio: float = 0.6
     """Fraction of the crop's patches masked (exactly ``round(ratio * patches)`` per sample)."""
-    mask_patch: int = 16
-    """Edge of a masked cubic patch, in voxels (Swin: a multiple of 2; ResNet: a multiple of 32)."""
+    mask_patch: int | None = 16
+    """Edge of a masked cubic patch, in voxels (Swin: a multiple of 2; ResNet: a multiple of 32; nnU-Net: a
+    multiple of the encoder's total stride on every axis). ``null`` only with the ``nnunet`` encoder: one
+    cell per position of its deepest feature map (its total stride on each axis, SparK's choice)."""
     norm_target: bool = False
     """Normalise each target patch to zero mean, unit variance (as in MAE/SimMIM)."""
     loss: Literal["l1", "l2"] = "l1"
@@ -253,7 +273,7 @@ class MVMConfig:
     def validate(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
             raise ConfigError(f"objective.mvm.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.mask_patch < 1:
+        if self.mask_patch is not None and self.mask_patch < 1:
             raise ConfigError(f"objective.mvm.mask_patch must be >= 1 voxel, got {self.mask_patch}")
 
 
@@ -321,12 +341,23 @@ class RunConfig:
             check = getattr(section, "validate", None)
             if check is not None and section is not self:
                 check()
+        if self.model.encoder == "nnunet":
+            # crop size and mask cells depend on the plan: volpre.data.nnunet_plan.resolve_run_config checks them
+            return
+        if self.data.roi is None:
+            raise ConfigError(f"data.roi: null (the plan's patch size) is only for model.encoder nnunet; give the "
+                              f"crop size in voxels for the {self.model.encoder} encoder, e.g. [96, 96, 96]")
         if any(r % 32 for r in self.data.roi):  # both encoders downsample 5 times by 2
             raise ConfigError(
                 f"data.roi must be multiples of 32 for the {self.model.encoder} encoder, got {list(self.data.roi)}"
             )
         if self.objective.name == "mvm":
             patch = self.objective.mvm.mask_patch
+            if patch is None:
+                raise ConfigError(
+                    "objective.mvm.mask_patch: null (the encoder's total stride per axis) is only for model.encoder "
+                    f"nnunet; give the cell edge in voxels for the {self.model.encoder} encoder"
+                )
             if patch % 32 and self.model.encoder == "resnet":
                 raise ConfigError(
                     f"objective.mvm.mask_patch must be a multiple of 32 (the ResNet's total stride), got {patch}"

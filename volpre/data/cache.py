@@ -23,6 +23,12 @@ a random crop reads and decompresses only the chunks it overlaps, never the whol
   shape, dtype and affine. Keeping the record inside the data file lets one ``rename`` commit
   both: there is never a record without its voxels or voxels under a stale record.
 
+**nnU-Net plans.** With a :class:`~volpre.data.nnunet_plan.NNUNetPlan` (``model.encoder: nnunet``)
+the deterministic stage is the plan's own preprocessing instead (nnU-Net's normalisation and
+resampling, in the plan's axis order), stored as float16 whatever the modality; the folder is keyed
+by the plan's preprocessing record instead of the ``preprocess`` section, and crops are padded with 0
+(as nnU-Net's data loader pads) and not windowed.
+
 **Rounding** (the only difference from the volume the presets compute in memory): CT HU are
 rounded to integers (|error| <= 0.5 HU, i.e. <= 0.5 / (window high - window low) after the
 window: 2.5e-4 for the default [-1000, 1000]); MR z-scores to float16 (relative error <= 2^-11).
@@ -76,6 +82,7 @@ from volpre.config import ConfigError, DataConfig, PreprocessConfig, config_hash
 from volpre.data.dataset import entry_record, find_volume_error
 from volpre.data.errors import EntryProblem, VolumeError
 from volpre.data.manifest import ManifestEntry
+from volpre.data.nnunet_plan import NNUNetPlan
 from volpre.data.readers import source_files
 from volpre.data.transforms import (
     check_modality,
@@ -153,14 +160,16 @@ def _identity_change(recorded: list[dict], current: list[dict]) -> str | None:
 # ----------------------------------------------------------------------------- storage
 
 
-def to_storage(image: np.ndarray, modality: str, where: str) -> np.ndarray:
+def to_storage(image: np.ndarray, modality: str | None, where: str) -> np.ndarray:
     """The cached form of a preprocessed volume: CT HU rounded to int16 (saturating at its limits),
-    MR float16. Raises ``VolumeError(kind="non-finite")`` if an MR value exceeds float16's range."""
+    anything else (MR z-scores; ``None``: a volume normalised by an nnU-Net plan) float16. Raises
+    ``VolumeError(kind="non-finite")`` if a float16 value would exceed float16's range."""
     if modality == "CT":
         return np.clip(np.rint(image), _INT16.min, _INT16.max).astype(np.int16)
     peak = float(np.abs(image).max()) if image.size else 0.0
     if peak > _FLOAT16_MAX:
-        raise VolumeError(where, "non-finite", f"preprocessed MR value {peak:.4g} exceeds float16's range "
+        kind = "MR" if modality == "MR" else "normalised"
+        raise VolumeError(where, "non-finite", f"preprocessed {kind} value {peak:.4g} exceeds float16's range "
                                                f"(+-{_FLOAT16_MAX:.0f}) used by the cache; expected z-scores")
     return image.astype(np.float16)
 
@@ -243,21 +252,26 @@ class VolumeCache:
     by processes started afterwards (every new run, every restarted worker).
     """
 
-    def __init__(self, root: Path, preprocess: PreprocessConfig):
-        self.root, self.preprocess = Path(root), preprocess
-        self.config_hash = config_hash(preprocess)
+    def __init__(self, root: Path, preprocess: PreprocessConfig, plan: NNUNetPlan | None = None):
+        self.root, self.preprocess, self.plan = Path(root), preprocess, plan
+        if plan is None:
+            self.config_hash = config_hash(preprocess)
+        else:
+            payload = json.dumps({"nnunet": plan.preprocessing_record()}, sort_keys=True)
+            self.config_hash = "nnunet-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
         self.directory = self.root / self.config_hash
         self._validated: dict[str, tuple[int, int, int, int]] = {}
 
     @classmethod
-    def create(cls, root: Path, preprocess: PreprocessConfig) -> VolumeCache:
-        """A cache under ``root``; raises :class:`CacheError` if its folder cannot be written and
-        :class:`~volpre.config.ConfigError` if the CT window does not fit the int16 cache."""
+    def create(cls, root: Path, preprocess: PreprocessConfig, plan: NNUNetPlan | None = None) -> VolumeCache:
+        """A cache under ``root`` (preprocessing as ``plan`` says when given); raises :class:`CacheError` if its
+        folder cannot be written and :class:`~volpre.config.ConfigError` if the CT window does not fit the int16
+        cache."""
         low, high = preprocess.ct_window
-        if low < _INT16.min or high > _INT16.max:
+        if plan is None and (low < _INT16.min or high > _INT16.max):
             raise ConfigError(f"preprocess.ct_window {[low, high]} must lie within [{_INT16.min}, {_INT16.max}] HU: "
                               "the cache stores CT as int16 Hounsfield units")
-        cache = cls(root, preprocess)
+        cache = cls(root, preprocess, plan)
         probe = cache.directory / f".write-test.{socket.gethostname()}.{os.getpid()}{_TEMP_SUFFIX}"
         try:
             cache.directory.mkdir(parents=True, exist_ok=True)
@@ -337,21 +351,28 @@ class VolumeCache:
 
     def build(self, entry: ManifestEntry, reason: str = "missing") -> StoredVolume:
         """Run the deterministic stage on ``entry``, store it, and return it in memory."""
-        modality = check_modality(entry.modality, entry.id)
         path = self.entry_path(entry)
         if reason.startswith("corrupt"):
             log.warning("cache entry %s for %s is %s; rebuilding it", path, entry.id, reason)
         elif reason.startswith("stale"):
             log.info("rebuilding cache entry %s for %s (%s)", path, entry.id, reason)
         source = source_identity(entry)  # before reading: a change during the build shows next time
-        volume = preprocess_transforms(self.preprocess, modality)(entry_record(entry))["image"]
-        stored = to_storage(np.asarray(volume.detach().cpu().numpy()), modality, str(entry.image[0]))
+        if self.plan is None:
+            modality = check_modality(entry.modality, entry.id)
+            volume = preprocess_transforms(self.preprocess, modality)(entry_record(entry))["image"]
+            stored = to_storage(np.asarray(volume.detach().cpu().numpy()), modality, str(entry.image[0]))
+            affine = np.asarray(volume.affine, dtype=np.float64).tolist()
+            preprocess = dataclasses.asdict(self.preprocess)
+        else:  # the plan's axis order; nnU-Net keeps no affine for its preprocessed arrays either
+            self.plan.check_modality(entry.modality, entry.id)
+            stored = to_storage(self.plan.preprocess_entry(entry), None, str(entry.image[0]))
+            affine, preprocess = None, {"nnunet": self.plan.preprocessing_record()}
         record = {
             "format": CACHE_FORMAT, "volpre": __version__, "monai": monai.__version__,
-            "config_hash": self.config_hash, "preprocess": dataclasses.asdict(self.preprocess),
+            "config_hash": self.config_hash, "preprocess": preprocess,
             "entry": self.entry_spec(entry), "source": source,
             "shape": list(stored.shape), "dtype": str(stored.dtype),
-            "affine": np.asarray(volume.affine, dtype=np.float64).tolist(),
+            "affine": affine,
             "built_by": {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()},
         }
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -396,8 +417,8 @@ def _one_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- crops
 
 
-def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Sequence[int], modality: str,
-              preprocess: PreprocessConfig) -> torch.Tensor:
+def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Sequence[int], modality: str | None,
+              preprocess: PreprocessConfig, plan: NNUNetPlan | None = None) -> torch.Tensor:
     """One crop of a stored volume, reading only the region under it, as the random stage cuts it.
 
     Args:
@@ -408,7 +429,8 @@ def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Seque
     Returns:
         plain float32 tensor ``(C, *roi)``: CT windowed to [0, 1], MR z-scores. Voxels outside the volume are
         padded as ``crops_at`` pads (CT: the window's low end; MR: the nearest border
-        voxel), which reproduces MONAI's symmetric ``SpatialPad`` followed by the crop.
+        voxel), which reproduces MONAI's symmetric ``SpatialPad`` followed by the crop. With an nnU-Net
+        ``plan``: the stored values as they are, padded with 0.
     """
     shape = np.asarray(image.shape[1:], dtype=np.int64)
     size = np.asarray(roi, dtype=np.int64)
@@ -417,12 +439,14 @@ def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Seque
     region = np.asarray(image[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], dtype=np.float32)
     pad = [(0, 0)] + [(int(a), int(b)) for a, b in zip(lo - first, first + size - hi)]
     if any(p != (0, 0) for p in pad):
-        if modality == "CT":
+        if plan is not None:
+            region = np.pad(region, pad, mode="constant", constant_values=0.0)
+        elif modality == "CT":
             region = np.pad(region, pad, mode="constant", constant_values=preprocess.ct_window[0])
         else:
             region = np.pad(region, pad, mode="edge")
     crop = torch.from_numpy(region)
-    window = window_transform(preprocess, modality)
+    window = None if plan is not None else window_transform(preprocess, modality)
     if window is not None:
         crop = convert_to_tensor(window(crop), track_meta=False)
     return crop.contiguous()
@@ -441,7 +465,11 @@ class CachedCrops:
         self.cache, self.data = cache, data
 
     def __call__(self, entry: ManifestEntry, count: int, rng: np.random.Generator) -> list[torch.Tensor]:
-        modality = check_modality(entry.modality, entry.id)
+        if self.cache.plan is None:
+            modality = check_modality(entry.modality, entry.id)
+        else:
+            self.cache.plan.check_modality(entry.modality, entry.id)
+            modality = entry.modality
         state = rng.bit_generator.state
         with self.cache.load(entry) as stored:
             try:
@@ -454,9 +482,11 @@ class CachedCrops:
         with self.cache.build(entry, reason=reason) as rebuilt:
             return self._cut(rebuilt, modality, count, rng)
 
-    def _cut(self, stored: StoredVolume, modality: str, count: int, rng: np.random.Generator) -> list[torch.Tensor]:
+    def _cut(self, stored: StoredVolume, modality: str | None, count: int,
+             rng: np.random.Generator) -> list[torch.Tensor]:
         starts = draw_crop_starts(stored.shape[1:], self.data.roi, count, rng)
-        return [read_crop(stored.image, start, self.data.roi, modality, self.cache.preprocess) for start in starts]
+        return [read_crop(stored.image, start, self.data.roi, modality, self.cache.preprocess, self.cache.plan)
+                for start in starts]
 
 
 def entries_to_cache(entries: Sequence[ManifestEntry]) -> Iterator[ManifestEntry]:

@@ -12,7 +12,8 @@ so the safe ``weights_only`` unpickler reads it:
 ``model`` (encoder + decoder + objective heads, no DDP/compile prefixes), ``optimizer``,
 ``scheduler``, ``scaler``, ``ema`` (or None), ``rng`` (per-rank RNG states), ``step``,
 ``samples_seen`` (per-rank data position), ``world_size``, ``best_loss``, ``config``,
-``versions``, ``encoder`` (name), ``manifest`` (path and SHA-256).
+``versions``, ``encoder`` (name), ``manifest`` (path and SHA-256), ``nnunet_plans`` (the nnU-Net plans
+dict of an ``nnunet`` encoder, else None), ``init`` (``--init`` weights: path, format, SHA-256; else None).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from volpre.config import RunConfig, config_from_dict
 from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
 from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups, crop_loader
 from volpre.data.manifest import load_manifest
+from volpre.data.nnunet_plan import NNUNetPlan, resolve_run_config
 from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from volpre.engine.distributed import DistContext, setup_distributed, teardown_distributed
@@ -155,7 +156,8 @@ class Pretraining:
     """Everything one process needs for a pretraining run; :meth:`run` drives it."""
 
     def __init__(self, cfg: RunConfig, manifest_path: Path, output: Path, ctx: DistContext,
-                 resume: bool = False, splits: tuple[str, ...] | None = None):
+                 resume: bool = False, splits: tuple[str, ...] | None = None,
+                 init: tuple[Path, str] | None = None):
         self.ctx, self.output = ctx, Path(output)
         self.checkpoints = CheckpointManager(self.output / "checkpoints", keep_last=1)
         saved = None
@@ -175,6 +177,13 @@ class Pretraining:
                 "or choose another --output"
             )
         self.cfg = cfg
+        # the nnunet encoder's plan decides its preprocessing; the checkpoint keeps a copy for export
+        self.plan = NNUNetPlan.load(cfg.model.nnunet) if cfg.model.encoder == "nnunet" else None
+        if saved is not None and self.plan is not None and saved.get("nnunet_plans") != self.plan.plans:
+            raise CheckpointError(
+                f"--resume: the nnU-Net plans {self.plan.source} differ from those the run started with (kept in "
+                f"{self.checkpoints.last}); exact resume needs the same plans"
+            )
         self.checkpoints.keep_last = cfg.train.keep_last
         self.manifest_path = Path(manifest_path)
         manifest = load_manifest(self.manifest_path)
@@ -184,7 +193,13 @@ class Pretraining:
         self.groups = VolumeGroups.build(entries, by_subject=samples_by_subject(cfg))
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.module = build_pretrainer(cfg).to(ctx.device)
+        self.module = build_pretrainer(cfg)
+        self.init = None
+        if init is not None:
+            if saved is not None:
+                raise CheckpointError("--init starts a new run from other weights; --resume continues this run's own")
+            self.init = _initialise_encoder(self.module.encoder, cfg, *init)
+        self.module = self.module.to(ctx.device)
         if cfg.train.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last_3d)
         self.ema = None
@@ -244,6 +259,8 @@ class Pretraining:
             "encoder": self.cfg.model.encoder,
             "versions": installed_versions(),
             "manifest": {"path": str(self.manifest_path.resolve()), "sha256": self.manifest_sha256},
+            "nnunet_plans": None if self.plan is None else self.plan.plans,
+            "init": self.init,
         }
 
     def _gather_rng(self) -> list:
@@ -260,7 +277,7 @@ class Pretraining:
         cfg, ctx = self.cfg, self.ctx
         bad_log = BadEntryLog(self.output / "bad_entries.jsonl")
         # preprocessed once per volume into the node's shared cache (built on first use), crops read from it
-        cache = VolumeCache.create(cache_dir_for(cfg.data, self.manifest_path), cfg.preprocess)
+        cache = VolumeCache.create(cache_dir_for(cfg.data, self.manifest_path), cfg.preprocess, self.plan)
         dataset = PretrainDataset(self.groups, cfg.preprocess, cfg.data, cfg.train.seed,
                                   crops=CachedCrops(cache, cfg.data), bad_entries=bad_log)
         sampler = InfiniteShardSampler(len(self.groups), cfg.train.seed, ctx.rank, ctx.world_size,
@@ -405,15 +422,33 @@ class Pretraining:
             result.checkpoint = self.checkpoints.save(self.state_dict(rng), self.step, is_best)
 
 
+def _initialise_encoder(encoder: torch.nn.Module, cfg: RunConfig, path: Path, fmt: str) -> dict[str, str]:
+    """Load ``--init`` weights into the encoder strictly (:mod:`volpre.models.init_weights`); their record."""
+    from volpre.export.weights import load_strictly
+    from volpre.models.init_weights import read_init_state
+
+    state, found, file = read_init_state(path, fmt)
+    load_strictly(encoder, state, source=f"--init {file} ({found} layout)",
+                  target=f"the run's {cfg.model.encoder} encoder (model section of the config)")
+    log.info("encoder initialised from %s (%s layout)", file, found)
+    return {"path": str(file.resolve()), "format": found, "sha256": file_sha256(file)}
+
+
 def pretrain(cfg: RunConfig | None, manifest: Path, output: Path, max_steps: int | None = None,
-             resume: bool = False, device: str | None = None, splits: tuple[str, ...] | None = None) -> PretrainResult:
-    """Run (or resume) pretraining; returns what rank 0 saw. ``cfg`` may be None only with ``resume``."""
+             resume: bool = False, device: str | None = None, splits: tuple[str, ...] | None = None,
+             init: tuple[Path, str] | None = None) -> PretrainResult:
+    """Run (or resume) pretraining; returns what rank 0 saw. ``cfg`` may be None only with ``resume``.
+
+    ``init``: ``(PATH, FORMAT)`` of weights to start the encoder from (``volpre.models.init_weights``).
+    """
     ctx = setup_distributed(device)
     run = None
     try:
         if cfg is None and not resume:
             raise ValueError("a config is needed unless --resume takes it from the checkpoint")
-        run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits)
+        if cfg is not None:
+            cfg = resolve_run_config(cfg)  # data.roi: null -> the nnU-Net plan's patch size
+        run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits, init=init)
         return run.run(max_steps if max_steps is not None else run.cfg.train.total_steps)
     finally:
         del run  # the DDP reducer must let go of the process group before teardown (see there)

@@ -135,6 +135,26 @@ def _check_choices(task: str, network: str | None, pretrained: PretrainedEncoder
     return name
 
 
+def default_roi(task: str, network: str | None, pretrained: PretrainedEncoder,
+                roi_size: Sequence[int] | None) -> tuple[tuple[int, ...], str]:
+    """The bundle's crop size and a sentence for its docs saying where it comes from.
+
+    ``roi_size`` when given; else the pretraining crop ``data.roi``, raised per axis to the smallest crop
+    the network trains on (SwinUNETR: :data:`SWINUNETR_MIN_TRAIN_ROI`) when it is smaller (the ``-tiny``
+    Swin profiles pretrain on 32^3).
+    """
+    if roi_size is not None:
+        return tuple(roi_size), "chosen at export (`volpre export --roi`)"
+    pretraining = tuple(pretrained.config.data.roi)
+    name = network if network is not None else DEFAULT_NETWORKS.get((task, pretrained.encoder))
+    if name == "swinunetr" and min(pretraining) < SWINUNETR_MIN_TRAIN_ROI:
+        roi = tuple(max(r, SWINUNETR_MIN_TRAIN_ROI) for r in pretraining)
+        return roi, (f"the pretraining crop {list(pretraining)} raised to {list(roi)}, the smallest crop SwinUNETR "
+                     f"trains on ({SWINUNETR_MIN_TRAIN_ROI} voxels per axis: its instance norm needs more than one "
+                     "voxel on the stride-32 map); choose another with `volpre export --roi` or `--roi_size`")
+    return pretraining, "the pretraining crop (`data.roi`); choose another with `volpre export --roi`"
+
+
 def _prepare_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         found = "a file" if not out.is_dir() else "a non-empty directory"
@@ -199,7 +219,7 @@ def export_bundle(
     """
     pretrained = read_pretrained_encoder(checkpoint, weights=weights)
     cfg = pretrained.config
-    roi = tuple(cfg.data.roi) if roi_size is None else tuple(roi_size)
+    roi, roi_note = default_roi(task, network, pretrained, roi_size)
     name = _check_choices(task, network, pretrained, out_channels, roi, modality)
     installed_package_versions()  # fail before writing anything if a bundle dependency is missing
     out_dir = Path(out)
@@ -252,7 +272,8 @@ def export_bundle(
     metadata = fill_metadata(json.loads((task_dir / "metadata.json").read_text()), pretrained, name, modality, roi,
                              out_channels)
     _write_json(metadata, out_dir / "configs" / "metadata.json")
-    readme = _render_readme(root / task / "docs" / "README.md", out_dir, pretrained, name, metadata, values)
+    readme = _render_readme(root / task / "docs" / "README.md", out_dir, pretrained, name, metadata,
+                            {**values, "roi_note": roi_note})
     (out_dir / "docs" / "README.md").write_text(readme)
     return out_dir
 
@@ -287,6 +308,7 @@ def _render_readme(template_path: Path, out_dir: Path, pretrained: PretrainedEnc
         "manifest": values["manifest"] or "/path/to/manifest.json",
         "modality": values["modality"],
         "roi_size": ", ".join(str(r) for r in values["roi_size"]),
+        "roi_note": values["roi_note"],
         "in_channels": str(values["in_channels"]),
     }
     return string.Template(template_path.read_text()).substitute(fields)

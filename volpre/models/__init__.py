@@ -2,7 +2,7 @@
 
 from volpre.models.contract import FEATURE_STRIDES, check_encoder_input
 from volpre.models.decoder import UNetDecoder
-from volpre.models.registry import ENCODERS, build_decoder, build_encoder
+from volpre.models.registry import ENCODERS, build_decoder, build_encoder, build_encoder_and_decoder
 from volpre.models.resnet import RESNET_DEPTHS, ResNet3DEncoder
 from volpre.models.swin import SwinEncoder
 

@@ -1,4 +1,8 @@
-"""Encoder registry: configs name encoders by string; one factory builds them and their decoder."""
+"""Encoder registry: configs name encoders by string; one factory builds them and their decoder.
+
+``swin`` and ``resnet`` are encoders with volpre's light pretraining decoder; ``nnunet`` is the U-Net an
+nnU-Net plan describes, whose own decoder reconstructs (:mod:`volpre.models.nnunet`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from collections.abc import Callable
 from torch import nn
 
 from volpre.config import ConfigError, ModelConfig
+from volpre.data.nnunet_plan import NNUNetPlan
 from volpre.models.decoder import UNetDecoder
+from volpre.models.nnunet import pretraining_network
 from volpre.models.resnet import ResNet3DEncoder
 from volpre.models.swin import SwinEncoder
 
@@ -30,9 +36,14 @@ def _build_resnet(model_cfg: ModelConfig) -> ResNet3DEncoder:
     return ResNet3DEncoder(depth=model_cfg.resnet.depth, in_channels=model_cfg.in_channels)
 
 
+def _build_nnunet(model_cfg: ModelConfig) -> nn.Module:
+    return pretraining_network(NNUNetPlan.load(model_cfg.nnunet)).encoder
+
+
 ENCODERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "swin": _build_swin,
     "resnet": _build_resnet,
+    "nnunet": _build_nnunet,
 }
 """Encoder name (``model.encoder``) -> builder from the model config section."""
 
@@ -48,3 +59,16 @@ def build_encoder(model_cfg: ModelConfig) -> nn.Module:
 def build_decoder(model_cfg: ModelConfig, encoder: nn.Module) -> UNetDecoder:
     """The pretraining decoder for ``encoder``: its five maps -> ``(B, in_channels, X, Y, Z)``."""
     return UNetDecoder(encoder.feature_channels, model_cfg.decoder_channels, model_cfg.in_channels)
+
+
+def build_encoder_and_decoder(model_cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """The encoder and the decoder that reconstructs from it during pretraining.
+
+    ``swin``/``resnet``: :func:`build_encoder` and volpre's light :func:`build_decoder`; ``nnunet``: the
+    plan's network's own ``encoder`` and ``decoder`` (one network, built by nnU-Net's code).
+    """
+    if model_cfg.encoder == "nnunet":
+        network = pretraining_network(NNUNetPlan.load(model_cfg.nnunet))
+        return network.encoder, network.decoder
+    encoder = build_encoder(model_cfg)
+    return encoder, build_decoder(model_cfg, encoder)

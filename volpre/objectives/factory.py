@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from volpre.config import ConfigError, RunConfig
-from volpre.models import build_decoder, build_encoder
+from volpre.models import build_encoder_and_decoder
 from volpre.objectives.base import Pretrainer
 from volpre.objectives.dae import DAEPretrainer
 from volpre.objectives.mvm import SimMIMPretrainer, SparKPretrainer
 
 MVM_VARIANTS: dict[str, type[Pretrainer]] = {"swin": SimMIMPretrainer, "resnet": SparKPretrainer}
-"""Masked volume modeling variant per encoder name (``model.encoder``)."""
+"""Masked volume modeling variant per encoder name (``model.encoder``); ``nnunet`` has
+:class:`volpre.objectives.spark_nnunet.NNUNetSparKPretrainer` (imported on use: nnU-Net is optional)."""
 
 
 def samples_by_subject(run_cfg: RunConfig) -> bool:
@@ -21,12 +22,15 @@ def samples_by_subject(run_cfg: RunConfig) -> bool:
 
 def build_pretrainer(run_cfg: RunConfig) -> Pretrainer:
     """Encoder + decoder + objective for ``run_cfg.model`` and ``run_cfg.objective`` (on the CPU)."""
-    encoder = build_encoder(run_cfg.model)
-    decoder = build_decoder(run_cfg.model, encoder)
+    encoder, decoder = build_encoder_and_decoder(run_cfg.model)
     objective = run_cfg.objective
     if objective.name == "dae":
         return DAEPretrainer(encoder, decoder, objective.dae)
     if objective.name == "mvm":
+        if run_cfg.model.encoder == "nnunet":  # imported here: nnU-Net is an optional dependency
+            from volpre.objectives.spark_nnunet import NNUNetSparKPretrainer
+
+            return NNUNetSparKPretrainer(encoder, decoder, objective.mvm)
         variant = MVM_VARIANTS.get(run_cfg.model.encoder)
         if variant is None:
             raise ConfigError(

@@ -5,6 +5,7 @@ in float32.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -45,12 +46,12 @@ def reconstruction_loss(
     return (error * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def normalize_patches(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalise every cubic ``patch^3`` block of every channel to zero mean and unit variance.
+def normalize_patches(x: torch.Tensor, patch: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalise every ``patch^3`` block (or ``px x py x pz`` block) of every channel to zero mean and unit variance.
 
     Args:
-        x: ``(B, C, X, Y, Z)`` float, X/Y/Z divisible by ``patch``.
-        patch: edge of a block in voxels.
+        x: ``(B, C, X, Y, Z)`` float, X/Y/Z divisible by ``patch`` (per axis).
+        patch: edge of a cubic block in voxels, or its three edges.
 
     Returns:
         ``(normalised, mean, std)``: ``normalised`` like ``x`` (float32); ``mean`` and ``std`` are
@@ -58,10 +59,11 @@ def normalize_patches(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.
         :data:`PATCH_NORM_EPS`, square-rooted), so ``x == normalised * std + mean``.
     """
     batch, channels, *spatial = x.shape
-    if any(size % patch for size in spatial):
+    px, py, pz = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
+    if any(size % edge for size, edge in zip(spatial, (px, py, pz))):
         raise ValueError(f"spatial size {tuple(spatial)} must be divisible by the patch edge {patch}")
-    gx, gy, gz = (size // patch for size in spatial)
-    blocks = x.float().reshape(batch, channels, gx, patch, gy, patch, gz, patch)
+    gx, gy, gz = (size // edge for size, edge in zip(spatial, (px, py, pz)))
+    blocks = x.float().reshape(batch, channels, gx, px, gy, py, gz, pz)
     mean = blocks.mean(dim=(3, 5, 7), keepdim=True)
     var = blocks.var(dim=(3, 5, 7), keepdim=True, unbiased=False)
     std = (var + PATCH_NORM_EPS).sqrt()

@@ -1,0 +1,112 @@
+"""``volpre pretrain --init``: public and volpre weights as a starting point, key maps per layout, strict loads.
+
+No network: each layout is built from the model definition its publisher loads it into -- MedicalNet
+files from MONAI's ``ResNetFeatures`` (MONAI's MedicalNet loader drops ``module.`` and loads strictly),
+``model_swinvit.pt`` from MONAI's ``SwinTransformer`` as research-contributions' ``SwinUNETR/Pretrain``
+builds it (``use_v2=False``, ``module.`` prefix, under ``state_dict``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import monai
+import pytest
+import torch
+from monai.networks.nets import ResNetFeatures
+from monai.networks.nets.swin_unetr import SwinTransformer
+
+from test_export import make_checkpoint
+from volpre.cli import main
+from volpre.config import load_config
+from volpre.engine.trainer import _initialise_encoder
+from volpre.export import export_bundle
+from volpre.export.weights import WeightsError
+from volpre.models import build_encoder
+from volpre.models.init_weights import InitWeightsError, detect_format, read_init_state
+
+
+def medicalnet_file(path, depth: int) -> dict:
+    torch.manual_seed(depth)
+    state = ResNetFeatures(f"resnet{depth}", pretrained=False, spatial_dims=3, in_channels=1).state_dict()
+    data = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
+    torch.save(data, path)
+    return data
+
+
+def test_medicalnet_layout_loads_as_monais_own_loader_loads_it(tmp_path):
+    data = medicalnet_file(tmp_path / "resnet_10_23dataset.pth", 10)
+    reference = ResNetFeatures("resnet10", pretrained=False, spatial_dims=3, in_channels=1)
+    reference.load_state_dict({k.replace("module.", ""): v for k, v in data["state_dict"].items()})  # MONAI's way
+    cfg = load_config("resnet-dae-tiny")
+    encoder = build_encoder(cfg.model)
+    record = _initialise_encoder(encoder, cfg, tmp_path / "resnet_10_23dataset.pth", "auto")
+    assert record["format"] == "medicalnet" and len(record["sha256"]) == 64
+    ours, theirs = encoder.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_a_mismatched_medicalnet_file_fails_naming_every_bad_key(tmp_path, demo_manifest, capsys):
+    medicalnet_file(tmp_path / "resnet_18.pth", 18)
+    cfg = load_config("resnet-dae-tiny")  # resnet10
+    with pytest.raises(WeightsError) as info:
+        _initialise_encoder(build_encoder(cfg.model), cfg, tmp_path / "resnet_18.pth", "medicalnet")
+    message = str(info.value)
+    expected = set(ResNetFeatures("resnet18", pretrained=False).state_dict()) - set(build_encoder(cfg.model).state_dict())
+    assert "does not fit the run's resnet encoder" in message and "unexpected in the file (" in message
+    assert all(key in message for key in expected)
+    code = main(["pretrain", "--config", "resnet-dae-tiny", "--manifest", str(demo_manifest), "--output",
+                 str(tmp_path / "run"), "--init", str(tmp_path / "resnet_18.pth"), "--max-steps", "1"])
+    assert code == 2 and "unexpected in the file" in capsys.readouterr().err
+
+
+def test_swin_ssl_weights_are_recognised_and_refused_with_the_reason(tmp_path, demo_manifest, capsys):
+    swin = SwinTransformer(in_chans=1, embed_dim=48, window_size=(7, 7, 7), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
+                           num_heads=(3, 6, 12, 24), use_v2=False)
+    path = tmp_path / "model_swinvit.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in swin.state_dict().items()}}, path)
+    assert detect_format(torch.load(path, weights_only=True)) == "monai-swin-ssl"
+    for fmt in ("auto", "monai-swin-ssl"):
+        with pytest.raises(InitWeightsError, match=rf"trained with MONAI < 1\.5, whose 3D PatchMerging .*MONAI issue "
+                                                   rf"#8284.*MONAI {monai.__version__}'s PatchMerging normalises and "
+                                                   r"projects all eight.*MONAI 1\.4"):
+            read_init_state(path, fmt)
+    assert main(["pretrain", "--config", "swin-dae-tiny", "--manifest", str(demo_manifest), "--output",
+                 str(tmp_path / "run"), "--init", str(path)]) == 2
+    assert "model_swinvit.pt layout" in capsys.readouterr().err
+
+
+def test_volpre_checkpoints_and_bundles_as_init(tmp_path, capsys):
+    checkpoint = make_checkpoint(tmp_path / "ckpt.pt", "resnet-dae-tiny", seed=5)
+    saved = torch.load(checkpoint, weights_only=True)["model"]
+    bundle = export_bundle(checkpoint, "segmentation", tmp_path / "bundle", out_channels=3)
+    cfg = load_config("resnet-dae-tiny")
+    for source, fmt in ((checkpoint, "volpre"), (bundle, "bundle"), (bundle / "models/pretrained_encoder.pt", "auto")):
+        encoder = build_encoder(cfg.model)
+        record = _initialise_encoder(encoder, cfg, source, fmt)
+        assert record["format"] in ("volpre", "bundle")
+        assert all(torch.equal(v, saved[f"encoder.{k}"]) for k, v in encoder.state_dict().items())
+    with pytest.raises(InitWeightsError, match=r"--init-format medicalnet, but the file's layout is volpre"):
+        read_init_state(checkpoint, "medicalnet")
+    other = load_config("resnet-dae-tiny", ["model.resnet.depth=18"])
+    with pytest.raises(WeightsError, match=r"(?s)does not fit the run's resnet encoder.*missing from the file \(\d+\): "):
+        _initialise_encoder(build_encoder(other.model), other, checkpoint, "volpre")
+    not_weights = tmp_path / "x.pt"
+    torch.save({"a": 1}, not_weights)
+    with pytest.raises(InitWeightsError, match=r"not a layout volpre knows"):
+        read_init_state(not_weights)
+    assert main(["pretrain", "--config", "resnet-dae-tiny", "--manifest", "m.json", "--output", str(tmp_path / "r"),
+                 "--init-format", "volpre"]) == 2
+    assert "--init-format names the layout of an --init file; give --init PATH" in capsys.readouterr().err
+
+
+def test_pretrain_records_its_init(tmp_path, demo_manifest):
+    from volpre.engine.trainer import pretrain
+
+    medicalnet_file(tmp_path / "resnet_10.pth", 10)
+    cfg = load_config("resnet-dae-tiny", ["data.num_workers=0", "train.log_every=1"])
+    result = pretrain(cfg, demo_manifest, tmp_path / "run", max_steps=1, device="cpu",
+                      init=(tmp_path / "resnet_10.pth", "auto"))
+    saved = torch.load(result.checkpoint, weights_only=True)
+    assert saved["init"]["format"] == "medicalnet" and saved["init"]["path"] == str((tmp_path / "resnet_10.pth").resolve())
+    json.dumps(saved["init"])  # plain values only
