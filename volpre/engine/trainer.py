@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from volpre.config import RunConfig, config_from_dict
 from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
@@ -35,6 +34,7 @@ from volpre.data.manifest import load_manifest
 from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from volpre.engine.distributed import DistContext, setup_distributed, teardown_distributed
+from volpre.engine.ema import build_ema, update_ema
 from volpre.engine.logging import RunLogger
 from volpre.objectives import build_pretrainer, samples_by_subject
 from volpre.versions import installed_versions
@@ -189,7 +189,7 @@ class Pretraining:
             self.module = self.module.to(memory_format=torch.channels_last_3d)
         self.ema = None
         if cfg.train.ema_decay > 0:
-            self.ema = AveragedModel(self.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            self.ema = build_ema(self.module, ctx.device)
         self.model: torch.nn.Module = self.module
         if ctx.world_size > 1:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -300,8 +300,8 @@ class Pretraining:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.module)
+        if self.ema is not None:  # updated once per step, so the first update is step 0's
+            update_ema(self.ema, self.module, t.ema_decay, first=self.step == 0)
         self.step += 1
         values = {"loss": loss_sum / n, **{f"loss.{k}": v / n for k, v in parts_sum.items()}}
         if grad_norm is not None:
