@@ -293,3 +293,18 @@ def test_exported_ema_of_a_swin_run_keeps_swinunetrs_integer_buffers(demo_manife
     assert sum(k.endswith("relative_position_index") for k in integer) == 8  # 2 blocks x 4 stages
     assert all(torch.equal(v, fresh[k]) for k, v in integer.items())
 
+
+def test_swin_weight_decay_spares_position_bias_tables_mask_tokens_norms_and_biases():
+    model = build_pretrainer(load_config("swin-mvm-tiny"))
+    decayed, spared = param_groups(model, 0.05)
+    assert (decayed["weight_decay"], spared["weight_decay"]) == (0.05, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert decayed_names | spared_names == set(names.values()) and not decayed_names & spared_names
+    assert "mask_token" in spared_names
+    assert {n for n in names.values() if "relative_position_bias_table" in n} <= spared_names
+    assert all(not n.endswith("bias") and "norm" not in n for n in decayed_names)
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim == 1 or "relative_position_bias_table" in n for n in spared_names)
+    assert "encoder.layers1.0.blocks.0.attn.qkv.weight" in decayed_names

@@ -73,13 +73,25 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+NO_WEIGHT_DECAY_NAMES = ("relative_position_bias_table", "mask_token")
+"""Parameter names (substrings) never decayed, whatever their shape: Swin's relative position bias
+tables (Swin's ``no_weight_decay_keywords``) and mask tokens (SimMIM's ``no_weight_decay``, SparK's
+``mask_tokens``)."""
+
+
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether AdamW decays parameter ``name``: not biases, norm weights or other 1D parameters (Swin's,
+    SimMIM's and SparK's rule ``ndim == 1 or name.endswith('.bias')``), nor :data:`NO_WEIGHT_DECAY_NAMES`."""
+    return p.ndim > 1 and not name.endswith("bias") and not any(key in name for key in NO_WEIGHT_DECAY_NAMES)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norm weights, tokens and other 1D parameters."""
+    """AdamW groups: ``weight_decay`` on the parameters :func:`decays` names, 0 on the others."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
