@@ -312,16 +312,23 @@ def test_masked_batch_norm_matches_batchnorm_on_visible_voxels():
     norm = torch.nn.BatchNorm3d(4, momentum=0.3)
     torch.nn.init.uniform_(norm.weight)
     torch.nn.init.uniform_(norm.bias)
-    x = torch.randn(2, 4, 8, 8, 8, generator=_gen()) * 3 + 1
+    x = (torch.randn(2, 4, 8, 8, 8, generator=_gen()) * 3 + 1).requires_grad_(True)
     visible = expand_mask(_visible_grid(2, (2, 2, 2)), (8, 8, 8))
     reference = copy.deepcopy(norm)
     out = masked_batch_norm(x, visible, norm)
-    rows = x.permute(0, 2, 3, 4, 1)[visible[:, 0]]  # (visible voxels, C)
+    x_ref = x.detach().clone().requires_grad_(True)
+    rows = x_ref.permute(0, 2, 3, 4, 1)[visible[:, 0]]  # (visible voxels, C), SparK's sparse BN input
     expected = F.batch_norm(
         rows, reference.running_mean, reference.running_var, reference.weight, reference.bias, True, 0.3, reference.eps
     )
     torch.testing.assert_close(out.permute(0, 2, 3, 4, 1)[visible[:, 0]], expected)
     assert (out.permute(0, 2, 3, 4, 1)[~visible[:, 0]] == 0).all()
+    upstream = torch.randn(out.shape, generator=_gen(1))
+    (out * upstream).sum().backward()
+    (expected * upstream.permute(0, 2, 3, 4, 1)[visible[:, 0]]).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)  # zero at masked positions in both
+    torch.testing.assert_close(norm.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(norm.bias.grad, reference.bias.grad)
     torch.testing.assert_close(norm.running_mean, reference.running_mean)
     torch.testing.assert_close(norm.running_var, reference.running_var)
     assert norm.num_batches_tracked.item() == 1
@@ -331,6 +338,85 @@ def test_masked_batch_norm_matches_batchnorm_on_visible_voxels():
         rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
     )
     torch.testing.assert_close(evaluated.permute(0, 2, 3, 4, 1)[visible[:, 0]], expected_eval)
+
+
+def test_masked_batch_norm_input_gradient_passes_gradcheck():
+    visible = expand_mask(_visible_grid(2, (2, 2, 2)), (4, 4, 4))
+    norm = torch.nn.BatchNorm3d(3).double()
+    torch.nn.init.uniform_(norm.weight)
+    x = (torch.randn(2, 3, 4, 4, 4, generator=_gen(), dtype=torch.float64) * 2 + 50).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: masked_batch_norm(x, visible, norm), (x,))
+
+
+def test_masked_batch_norm_saves_no_float32_copy_of_a_bf16_activation():
+    """Under bf16 the backward keeps the bf16 input (as BatchNorm3d does), not float32 copies."""
+    norm = torch.nn.BatchNorm3d(8)
+    x = torch.randn(2, 8, 16, 16, 16, generator=_gen()).bfloat16().requires_grad_(True)
+    visible = expand_mask(_visible_grid(2, (2, 2, 2)), (16, 16, 16))
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = masked_batch_norm(x, visible, norm)
+    assert out.dtype == torch.bfloat16
+    big = [(dtype, n) for dtype, n in saved if n >= x.numel()]
+    assert big == [(torch.bfloat16, x.numel())], saved
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    assert torch.isfinite(norm.weight.grad).all() and torch.isfinite(norm.running_var).all()
+
+
+def _masked_batch_norm_on_rank(rank: int, world: int, init_file: str, x_all, visible_all, upstream_all, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        norm = torch.nn.SyncBatchNorm(3, momentum=0.3)
+        torch.nn.init.uniform_(norm.weight)
+        torch.nn.init.uniform_(norm.bias)
+        n = x_all.shape[0] // world
+        x = x_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        out = masked_batch_norm(x, visible_all[rank * n:(rank + 1) * n], norm)
+        (out * upstream_all[rank * n:(rank + 1) * n]).sum().backward()
+        queue.put((rank, out.detach(), x.grad, norm.weight.grad, norm.bias.grad,
+                   norm.running_mean.clone(), norm.running_var.clone()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_masked_sync_batch_norm_under_two_processes_uses_the_global_batch(tmp_path):
+    """Two gloo processes with half the batch each compute what one process computes on the whole
+    batch: outputs, input gradients, running statistics; the parameter gradients are per rank and
+    add up (DDP then averages them, as for torch.nn.SyncBatchNorm)."""
+    world = 2
+    x_all = torch.randn(4, 3, 4, 4, 4, generator=_gen(2)) * 2 + 1
+    visible_all = expand_mask(_visible_grid(4, (2, 2, 2), seed=3), (4, 4, 4))
+    visible_all[2:] &= expand_mask(_visible_grid(2, (2, 2, 2), seed=4), (4, 4, 4))  # ranks see different counts
+    upstream_all = torch.randn(x_all.shape, generator=_gen(5))
+    queue = SPAWN.Queue()
+    args = (world, str(tmp_path / "pg"), x_all, visible_all, upstream_all, queue)
+    ranks = [SPAWN.Process(target=_masked_batch_norm_on_rank, args=(r, *args)) for r in range(world)]
+    with spawned(ranks):
+        results = {r[0]: r[1:] for r in (queue.get(timeout=120) for _ in ranks)}
+        assert join_or_kill(ranks, timeout=60) == [0, 0]
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm3d(3, momentum=0.3)
+    torch.nn.init.uniform_(norm.weight)
+    torch.nn.init.uniform_(norm.bias)
+    x = x_all.clone().requires_grad_(True)
+    out = masked_batch_norm(x, visible_all, norm)
+    (out * upstream_all).sum().backward()
+    torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), out.detach())
+    torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), x.grad)
+    torch.testing.assert_close(results[0][2] + results[1][2], norm.weight.grad)
+    torch.testing.assert_close(results[0][3] + results[1][3], norm.bias.grad)
+    for rank in range(world):
+        torch.testing.assert_close(results[rank][4], norm.running_mean)
+        torch.testing.assert_close(results[rank][5], norm.running_var)
 
 
 @pytest.mark.parametrize("depth", [10, 18, 50])
