@@ -48,7 +48,7 @@ def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
     groups = VolumeGroups.build(load_manifest(manifest).entries, by_subject=False)
     dataset = PretrainDataset(groups, cfg.preprocess, cfg.data, seed=123)
     crops = [c for i in range(len(groups)) for c in dataset[(0, i)]]
-    batch = {"image": torch.stack([c["image"] for c in crops])}
+    batch = {"image": torch.stack([c["image"] for c in crops]), "modality": torch.stack([c["modality"] for c in crops])}
     with torch.no_grad():
         return float(draw_and_forward(model, batch, torch.Generator().manual_seed(5)).loss)
 
@@ -56,8 +56,8 @@ def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
 @pytest.mark.parametrize("name", ["swin-dae-tiny", "swin-mvm-tiny", "resnet-dae-tiny", "resnet-mvm-tiny"])
 def test_tiny_config_learns_on_demo_data(name, demo_manifest, tmp_path):
     cfg = load_config(name, FAST)
-    result = pretrain(cfg, demo_manifest, tmp_path, max_steps=30, device="cpu")
-    assert result.final_step == 30 and len(_losses(tmp_path)) == 30
+    result = pretrain(cfg, demo_manifest, tmp_path, max_steps=60, device="cpu")
+    assert result.final_step == 60 and len(_losses(tmp_path)) == 60
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     before = _fixed_batch_loss(cfg, None, demo_manifest)
     after = _fixed_batch_loss(cfg, state["model"], demo_manifest)

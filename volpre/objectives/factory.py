@@ -6,7 +6,7 @@ from volpre.config import ConfigError, RunConfig
 from volpre.models import build_decoder, build_encoder
 from volpre.objectives.base import Pretrainer
 from volpre.objectives.dae import DAEPretrainer
-from volpre.objectives.mvm import SimMIMPretrainer, SparKPretrainer
+from volpre.objectives.mvm import SimMIMPretrainer, SparKPretrainer, spark_decoder
 
 MVM_VARIANTS: dict[str, type[Pretrainer]] = {"swin": SimMIMPretrainer, "resnet": SparKPretrainer}
 """Masked volume modeling variant per encoder name (``model.encoder``)."""
@@ -14,18 +14,18 @@ MVM_VARIANTS: dict[str, type[Pretrainer]] = {"swin": SimMIMPretrainer, "resnet":
 
 def samples_by_subject(run_cfg: RunConfig) -> bool:
     """Whether the objective needs dataset items that hold all scans of one subject (its positives
-    come from several scans of a patient), rather than one item per scan."""
-    dae = run_cfg.objective.dae
-    return run_cfg.objective.name == "dae" and dae.contrastive_weight > 0 and dae.contrastive_pairs == "subject"
+    come from several scans of a patient), rather than one item per scan. Neither ``dae`` (whose
+    contrastive term contrasts modalities, not subjects) nor ``mvm`` does."""
+    del run_cfg  # no objective of this module contrasts subjects
+    return False
 
 
 def build_pretrainer(run_cfg: RunConfig) -> Pretrainer:
     """Encoder + decoder + objective for ``run_cfg.model`` and ``run_cfg.objective`` (on the CPU)."""
     encoder = build_encoder(run_cfg.model)
-    decoder = build_decoder(run_cfg.model, encoder)
     objective = run_cfg.objective
     if objective.name == "dae":
-        return DAEPretrainer(encoder, decoder, objective.dae)
+        return DAEPretrainer(encoder, build_decoder(run_cfg.model, encoder), objective.dae)
     if objective.name == "mvm":
         variant = MVM_VARIANTS.get(run_cfg.model.encoder)
         if variant is None:
@@ -33,5 +33,9 @@ def build_pretrainer(run_cfg: RunConfig) -> Pretrainer:
                 f"objective.name 'mvm' has no variant for model.encoder {run_cfg.model.encoder!r}; "
                 f"expected one of {', '.join(MVM_VARIANTS)}"
             )
+        if variant is SparKPretrainer and objective.mvm.resnet_densify == "spark":
+            decoder = spark_decoder(encoder, run_cfg.model.decoder_channels)
+        else:
+            decoder = build_decoder(run_cfg.model, encoder)
         return variant(encoder, decoder, objective.mvm)
     raise ConfigError(f"objective.name: got {objective.name!r}, expected one of 'dae', 'mvm'")
