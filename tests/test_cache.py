@@ -175,6 +175,8 @@ def test_pretrain_dataset_on_the_cache_is_pure_and_replaces_bad_entries(files, t
                             crops=CachedCrops(VolumeCache.create(tmp_path / "cache", PRE), data))
     batch = list_data_collate([mixed[(0, 0)], mixed[(0, 1)]])  # a CT and an MR item in one batch
     assert batch["image"].shape == (4, 1, 16, 16, 16)
+    assert mixed.groups.modality_classes == ("CT", "MR")
+    assert batch["modality"].tolist() == [0, 0, 1, 1] and batch["modality"].dtype == torch.int64
 
 
 # ----------------------------------------------------------------------------- invalidation

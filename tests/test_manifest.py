@@ -31,7 +31,8 @@ def test_paths_resolve_relative_to_the_manifest_and_round_trip(tmp_path):
             "entries": [
                 {"image": "../ct/a.nii.gz", "subject": "p1", "modality": "CT", "time": 10, "event": 1,
                  "label": "../lab/a.nii.gz", "split": "train", "shape": [4, 5, 6], "spacing": [1, 1, 2.5]},
-                {"image": ["/abs/t1.nii.gz", "/abs/t2.nii.gz"], "id": "mr1", "covariates": {"age": 61}},
+                {"image": ["/abs/t1.nii.gz", "/abs/t2.nii.gz"], "id": "mr1", "covariates": {"age": 61},
+                 "modality": "MR", "sequence": "T1+T2"},
                 {"image": "../dicom/study", "series_uid": "1.2.3"},
             ]
         },
@@ -41,7 +42,8 @@ def test_paths_resolve_relative_to_the_manifest_and_round_trip(tmp_path):
     assert a.image == (tmp_path / "ct" / "a.nii.gz",)
     assert a.id == "../ct/a.nii.gz" and a.subject_or_id == "p1" and a.shape == (4, 5, 6) and a.event == 1
     assert mr.image == (Path("/abs/t1.nii.gz"), Path("/abs/t2.nii.gz")) and mr.subject_or_id == "mr1"
-    assert mr.covariates == {"age": 61.0}
+    assert mr.covariates == {"age": 61.0} and mr.sequence == "T1+T2" and a.sequence is None
+    assert (a.modality_class, mr.modality_class, dcm.modality_class) == ("CT", "MR/T1+T2", "?")
     assert dcm.id == "../dicom/study#1.2.3" and dcm.series_uid == "1.2.3"
     assert manifest.by_split("train") == [a]
 
@@ -49,6 +51,7 @@ def test_paths_resolve_relative_to_the_manifest_and_round_trip(tmp_path):
     again = load_manifest(out)
     assert [e.image for e in again.entries] == [e.image for e in manifest.entries]
     assert [e.id for e in again.entries] == [e.id for e in manifest.entries]
+    assert [e.sequence for e in again.entries] == [None, "T1+T2", None]
     assert json.loads(out.read_text())["entries"][0]["image"] == "ct/a.nii.gz"
     record = again.entries[1].to_record()
     assert record["image"] == ["/abs/t1.nii.gz", "/abs/t2.nii.gz"] and record["id"] == "mr1"

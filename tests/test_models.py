@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from monai.networks.nets import FlexibleUNet, SwinUNETR
@@ -134,7 +136,7 @@ def test_encoder_rejects_wrong_channel_count(model_cfg):
 
 
 def test_registry_names_match_the_config_literal():
-    assert set(ENCODERS) == {"swin", "resnet"}
+    assert set(ENCODERS) == set(typing.get_args(typing.get_type_hints(ModelConfig)["encoder"]))
     assert isinstance(build_encoder(_swin_cfg()), SwinEncoder)
     assert isinstance(build_encoder(_resnet_cfg()), ResNet3DEncoder)
 

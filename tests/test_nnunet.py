@@ -235,7 +235,7 @@ def test_spark_and_dae_pretrainers_reconstruct_through_nnunets_decoder(planned):
         cfg = resolve_run_config(tiny(name, planned))
         torch.manual_seed(0)
         pretrainer = build_pretrainer(cfg)
-        batch = {"image": torch.randn(2, 1, *cfg.data.roi)}
+        batch = {"image": torch.randn(2, 1, *cfg.data.roi), "modality": torch.tensor([0, 1])}  # CT, MR: DAE's CMCL
         out = draw_and_forward(pretrainer, batch, torch.Generator().manual_seed(1))
         assert torch.isfinite(out.loss) and out.images["reconstruction"].shape == batch["image"].shape
         out.loss.backward()

@@ -13,7 +13,7 @@ from monai.networks.nets import SwinUNETR
 
 from child_processes import SPAWN, join_or_kill, spawned
 from volpre.config import ConfigError, config_from_dict
-from volpre.models import FEATURE_STRIDES, ResNet3DEncoder
+from volpre.models import FEATURE_STRIDES, ResNet3DEncoder, SparKLightDecoder, UNetDecoder
 from volpre.objectives import (
     DAEPretrainer,
     ObjectiveOutput,
@@ -23,7 +23,7 @@ from volpre.objectives import (
     draw_and_forward,
 )
 from volpre.objectives.losses import multi_positive_info_nce, normalize_patches, reconstruction_loss
-from volpre.objectives.masking import expand_mask, mask_grid_shape, random_grid_mask
+from volpre.objectives.masking import expand_mask, mask_grid_shape, random_channel_mask, random_grid_mask
 from volpre.objectives.perturbations import (
     add_gaussian_noise,
     down_up_sample,
@@ -49,8 +49,8 @@ def random_down_up_sample(x, factors, generator):
     return down_up_sample(x, factor, factors), factor
 
 
-def random_gaussian_noise(x, std_range, generator):
-    std, noise = draw_gaussian_noise(x.shape, std_range, generator)
+def random_gaussian_noise(x, variance_range, generator):
+    std, noise = draw_gaussian_noise(x.shape, variance_range, generator)
     return add_gaussian_noise(x, std, noise), std
 
 
@@ -75,7 +75,9 @@ def _run_cfg(encoder: str, objective: str, roi=(32, 32, 32), dae=None, mvm=None,
             "model": {
                 "encoder": encoder,
                 "in_channels": in_channels,
-                "decoder_channels": 8,
+                # SparK's decoder ends in a full-resolution block of decoder_channels / 2 channels; at
+                # 8 -> 4 its 8-channel 3^3 convolution hits a slow CPU backward (11 s here), at 16 -> 8 not
+                "decoder_channels": 16 if (encoder, objective) == ("resnet", "mvm") else 8,
                 "swin": {"feature_size": 12, "window_size": 4},
                 "resnet": {"depth": 10},
             },
@@ -129,6 +131,16 @@ def test_mask_grid_errors_say_what_is_wrong():
         random_grid_mask(1, (2, 2, 2), 0.05, _gen())
 
 
+def test_channel_mask_masks_floor_ratio_channels_per_sample():
+    mask = random_channel_mask(6, 12, 0.6, _gen())
+    assert mask.shape == (6, 12) and mask.dtype == torch.bool
+    assert mask.sum(dim=1).tolist() == [7] * 6  # int(0.6 * 12), as the DAE code's int(0.6 * C)
+    assert len({tuple(row.tolist()) for row in mask}) > 1  # each sample draws its own channels
+    assert torch.equal(mask, random_channel_mask(6, 12, 0.6, _gen()))
+    with pytest.raises(ValueError, match=r"channel mask ratio 0.05 of 12 channels masks 0 of them"):
+        random_channel_mask(1, 12, 0.05, _gen())
+
+
 def test_expand_mask_rejects_non_integer_factor():
     with pytest.raises(ValueError, match=r"cannot expand a mask grid \(2, 2, 2\) to spatial shape \(5, 4, 4\)"):
         expand_mask(torch.ones(1, 1, 2, 2, 2, dtype=torch.bool), (5, 4, 4))
@@ -152,7 +164,7 @@ def test_random_disruptions_keep_shape_dtype_device_and_draw_in_range():
     lo, hi = x.min(), x.max()
     blurred, sigma = random_gaussian_blur(x, (0.5, 1.5), _gen())
     low_res, factor = random_down_up_sample(x, (2, 4), _gen())
-    noisy, std = random_gaussian_noise(x, (0.0, 0.1), _gen())
+    noisy, std = random_gaussian_noise(x, (0.0, 0.1), _gen())  # a range of variances
     for out in (blurred, low_res, noisy):
         assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
         assert torch.isfinite(out).all()
@@ -161,7 +173,7 @@ def test_random_disruptions_keep_shape_dtype_device_and_draw_in_range():
         assert out.min() >= lo - 1e-6 and out.max() <= hi + 1e-6
     assert ((sigma >= 0.5) & (sigma <= 1.5)).all() and sigma.shape == (4,)
     assert set(factor.tolist()) <= {2, 4} and factor.dtype == torch.long
-    assert ((std >= 0.0) & (std <= 0.1)).all()
+    assert ((std >= 0.0) & (std <= 0.1**0.5)).all()
 
 
 def test_noise_has_the_drawn_std_per_sample():
@@ -172,9 +184,20 @@ def test_noise_has_the_drawn_std_per_sample():
     assert noisy.flatten(1).mean(dim=1).abs().max() < 0.02
 
 
-def test_down_up_sample_reproduces_a_linear_ramp_in_the_interior():
+def test_nearest_down_up_sample_keeps_the_first_voxel_of_each_block_as_the_dae_code():
+    """The official code: ``F.interpolate(img, size=96 // 4)`` then ``F.interpolate(low, size=96)``,
+    both nearest: every 4^3 block takes its first voxel's value."""
+    x = torch.rand(2, 1, 32, 32, 32, generator=_gen())
+    out = down_up_sample(x, torch.tensor([4, 4]), (4,), "nearest")
+    expected = x[:, :, ::4, ::4, ::4].repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"downsample mode must be one of nearest, area, got 'cubic'"):
+        down_up_sample(x, torch.tensor([4, 4]), (4,), "cubic")
+
+
+def test_area_down_up_sample_reproduces_a_linear_ramp_in_the_interior():
     ramp = torch.arange(32, dtype=torch.float32).view(1, 1, 32, 1, 1).expand(2, 1, 32, 32, 32).contiguous()
-    out = down_up_sample(ramp, torch.tensor([2, 4]), (2, 4))
+    out = down_up_sample(ramp, torch.tensor([2, 4]), (2, 4), "area")
     torch.testing.assert_close(out[0, :, 1:-1], ramp[0, :, 1:-1])  # interior of factor 2 (edges clamp)
     torch.testing.assert_close(out[1, :, 2:-2], ramp[1, :, 2:-2])
     assert not torch.allclose(out[1, :, :2], ramp[1, :, :2])  # factor 4 loses the edge
@@ -182,9 +205,9 @@ def test_down_up_sample_reproduces_a_linear_ramp_in_the_interior():
 
 def test_down_up_sample_picks_each_samples_factor():
     x = torch.rand(3, 1, 32, 32, 32, generator=_gen())
-    out = down_up_sample(x, torch.tensor([4, 2, 4]), (2, 4))
-    only2 = down_up_sample(x, torch.tensor([2, 2, 2]), (2,))
-    only4 = down_up_sample(x, torch.tensor([4, 4, 4]), (4,))
+    out = down_up_sample(x, torch.tensor([4, 2, 4]), (2, 4), "area")
+    only2 = down_up_sample(x, torch.tensor([2, 2, 2]), (2,), "area")
+    only4 = down_up_sample(x, torch.tensor([4, 4, 4]), (4,), "area")
     torch.testing.assert_close(out[[0, 2]], only4[[0, 2]], rtol=0, atol=0)
     torch.testing.assert_close(out[1], only2[1], rtol=0, atol=0)
 
@@ -225,13 +248,14 @@ def test_masked_reconstruction_loss_ignores_voxels_outside_the_mask():
     torch.testing.assert_close(unmasked, (prediction - target).abs().mean())
 
 
-def test_normalize_patches_matches_per_patch_reference():
+def test_normalize_patches_matches_the_mae_and_spark_per_patch_reference():
+    """SparK: ``(p - p.mean(-1)) / (p.var(-1) + 1e-6) ** 0.5`` over each patch's voxels and channels."""
     x = torch.rand(1, 2, 8, 8, 16, generator=_gen()) * 5 + 3
     normalized, mean, std = normalize_patches(x, 4)
     torch.testing.assert_close(normalized * std + mean, x)
-    patch = x[0, 1, 4:8, 0:4, 12:16]
-    expected = (patch - patch.mean()) / (patch.var(unbiased=False) + 1e-6).sqrt()
-    torch.testing.assert_close(normalized[0, 1, 4:8, 0:4, 12:16], expected)
+    patch = x[0, :, 4:8, 0:4, 12:16]  # both channels of one patch
+    expected = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
+    torch.testing.assert_close(normalized[0, :, 4:8, 0:4, 12:16], expected)
 
 
 def test_info_nce_with_two_views_equals_monai_contrastive_loss():
@@ -254,6 +278,18 @@ def test_multi_positive_info_nce_matches_a_loop_reference():
         log_denominator = torch.logsumexp(torch.stack([zn[i] @ zn[a] / 0.5 for a in others]), dim=0)
         terms.append(-torch.stack([zn[i] @ zn[p] / 0.5 - log_denominator for p in positives]).mean())
     torch.testing.assert_close(loss, torch.stack(terms).mean())
+
+
+def test_info_nce_can_leave_out_anchors_without_a_negative():
+    z = torch.randn(5, 8, generator=_gen())
+    groups = torch.tensor([0, 0, 0, 0, 1])  # anchor 4 has no positive; 0-3 have one negative each
+    assert multi_positive_info_nce(z, groups, 0.5, need_negative=True) == multi_positive_info_nce(z, groups, 0.5)
+    one_class = torch.zeros(5, dtype=torch.long)
+    assert multi_positive_info_nce(z, one_class, 0.5) > 0
+    zr = z.clone().requires_grad_(True)
+    loss = multi_positive_info_nce(zr, one_class, 0.5, need_negative=True)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(zr.grad, torch.zeros_like(zr))
 
 
 @pytest.mark.parametrize("n", [1, 4])
@@ -312,16 +348,23 @@ def test_masked_batch_norm_matches_batchnorm_on_visible_voxels():
     norm = torch.nn.BatchNorm3d(4, momentum=0.3)
     torch.nn.init.uniform_(norm.weight)
     torch.nn.init.uniform_(norm.bias)
-    x = torch.randn(2, 4, 8, 8, 8, generator=_gen()) * 3 + 1
+    x = (torch.randn(2, 4, 8, 8, 8, generator=_gen()) * 3 + 1).requires_grad_(True)
     visible = expand_mask(_visible_grid(2, (2, 2, 2)), (8, 8, 8))
     reference = copy.deepcopy(norm)
     out = masked_batch_norm(x, visible, norm)
-    rows = x.permute(0, 2, 3, 4, 1)[visible[:, 0]]  # (visible voxels, C)
+    x_ref = x.detach().clone().requires_grad_(True)
+    rows = x_ref.permute(0, 2, 3, 4, 1)[visible[:, 0]]  # (visible voxels, C), SparK's sparse BN input
     expected = F.batch_norm(
         rows, reference.running_mean, reference.running_var, reference.weight, reference.bias, True, 0.3, reference.eps
     )
     torch.testing.assert_close(out.permute(0, 2, 3, 4, 1)[visible[:, 0]], expected)
     assert (out.permute(0, 2, 3, 4, 1)[~visible[:, 0]] == 0).all()
+    upstream = torch.randn(out.shape, generator=_gen(1))
+    (out * upstream).sum().backward()
+    (expected * upstream.permute(0, 2, 3, 4, 1)[visible[:, 0]]).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)  # zero at masked positions in both
+    torch.testing.assert_close(norm.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(norm.bias.grad, reference.bias.grad)
     torch.testing.assert_close(norm.running_mean, reference.running_mean)
     torch.testing.assert_close(norm.running_var, reference.running_var)
     assert norm.num_batches_tracked.item() == 1
@@ -331,6 +374,85 @@ def test_masked_batch_norm_matches_batchnorm_on_visible_voxels():
         rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
     )
     torch.testing.assert_close(evaluated.permute(0, 2, 3, 4, 1)[visible[:, 0]], expected_eval)
+
+
+def test_masked_batch_norm_input_gradient_passes_gradcheck():
+    visible = expand_mask(_visible_grid(2, (2, 2, 2)), (4, 4, 4))
+    norm = torch.nn.BatchNorm3d(3).double()
+    torch.nn.init.uniform_(norm.weight)
+    x = (torch.randn(2, 3, 4, 4, 4, generator=_gen(), dtype=torch.float64) * 2 + 50).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: masked_batch_norm(x, visible, norm), (x,))
+
+
+def test_masked_batch_norm_saves_no_float32_copy_of_a_bf16_activation():
+    """Under bf16 the backward keeps the bf16 input (as BatchNorm3d does), not float32 copies."""
+    norm = torch.nn.BatchNorm3d(8)
+    x = torch.randn(2, 8, 16, 16, 16, generator=_gen()).bfloat16().requires_grad_(True)
+    visible = expand_mask(_visible_grid(2, (2, 2, 2)), (16, 16, 16))
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = masked_batch_norm(x, visible, norm)
+    assert out.dtype == torch.bfloat16
+    big = [(dtype, n) for dtype, n in saved if n >= x.numel()]
+    assert big == [(torch.bfloat16, x.numel())], saved
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    assert torch.isfinite(norm.weight.grad).all() and torch.isfinite(norm.running_var).all()
+
+
+def _masked_batch_norm_on_rank(rank: int, world: int, init_file: str, x_all, visible_all, upstream_all, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        norm = torch.nn.SyncBatchNorm(3, momentum=0.3)
+        torch.nn.init.uniform_(norm.weight)
+        torch.nn.init.uniform_(norm.bias)
+        n = x_all.shape[0] // world
+        x = x_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        out = masked_batch_norm(x, visible_all[rank * n:(rank + 1) * n], norm)
+        (out * upstream_all[rank * n:(rank + 1) * n]).sum().backward()
+        queue.put((rank, out.detach(), x.grad, norm.weight.grad, norm.bias.grad,
+                   norm.running_mean.clone(), norm.running_var.clone()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_masked_sync_batch_norm_under_two_processes_uses_the_global_batch(tmp_path):
+    """Two gloo processes with half the batch each compute what one process computes on the whole
+    batch: outputs, input gradients, running statistics; the parameter gradients are per rank and
+    add up (DDP then averages them, as for torch.nn.SyncBatchNorm)."""
+    world = 2
+    x_all = torch.randn(4, 3, 4, 4, 4, generator=_gen(2)) * 2 + 1
+    visible_all = expand_mask(_visible_grid(4, (2, 2, 2), seed=3), (4, 4, 4))
+    visible_all[2:] &= expand_mask(_visible_grid(2, (2, 2, 2), seed=4), (4, 4, 4))  # ranks see different counts
+    upstream_all = torch.randn(x_all.shape, generator=_gen(5))
+    queue = SPAWN.Queue()
+    args = (world, str(tmp_path / "pg"), x_all, visible_all, upstream_all, queue)
+    ranks = [SPAWN.Process(target=_masked_batch_norm_on_rank, args=(r, *args)) for r in range(world)]
+    with spawned(ranks):
+        results = {r[0]: r[1:] for r in (queue.get(timeout=120) for _ in ranks)}
+        assert join_or_kill(ranks, timeout=60) == [0, 0]
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm3d(3, momentum=0.3)
+    torch.nn.init.uniform_(norm.weight)
+    torch.nn.init.uniform_(norm.bias)
+    x = x_all.clone().requires_grad_(True)
+    out = masked_batch_norm(x, visible_all, norm)
+    (out * upstream_all).sum().backward()
+    torch.testing.assert_close(torch.cat([results[0][0], results[1][0]]), out.detach())
+    torch.testing.assert_close(torch.cat([results[0][1], results[1][1]]), x.grad)
+    torch.testing.assert_close(results[0][2] + results[1][2], norm.weight.grad)
+    torch.testing.assert_close(results[0][3] + results[1][3], norm.bias.grad)
+    for rank in range(world):
+        torch.testing.assert_close(results[rank][4], norm.running_mean)
+        torch.testing.assert_close(results[rank][5], norm.running_var)
 
 
 @pytest.mark.parametrize("depth", [10, 18, 50])
@@ -391,6 +513,9 @@ def test_sparse_resnet_rejects_mask_cells_finer_than_total_stride():
 # ----------------------------------------------------------------------------- objectives
 
 
+TWO_MODALITIES = torch.tensor([0, 1])
+
+
 def _check_output(out: ObjectiveOutput, image: torch.Tensor, part_names: set[str]) -> None:
     assert out.loss.ndim == 0 and out.loss.requires_grad and torch.isfinite(out.loss)
     assert set(out.parts) == part_names
@@ -406,66 +531,127 @@ def test_build_pretrainer_picks_the_variant_and_keeps_export_keys_exact(encoder)
     mvm = build_pretrainer(_run_cfg(encoder, "mvm", roi=(64, 64, 64)))
     dae = build_pretrainer(_run_cfg(encoder, "dae"))
     assert isinstance(mvm, SimMIMPretrainer if encoder == "swin" else SparKPretrainer)
-    assert isinstance(dae, DAEPretrainer) and dae.projection is None
+    assert isinstance(dae, DAEPretrainer)
+    assert {n.split(".")[0] for n, _ in dae.named_parameters()} == {"encoder", "decoder"}
     assert list(mvm.encoder.state_dict()) == list(dae.encoder.state_dict())
     if encoder == "swin":
         reference = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, window_size=4, use_v2=True).swinViT
         reference.load_state_dict(mvm.encoder.state_dict(), strict=True)
         assert "mask_token" in dict(mvm.named_parameters())
     else:
-        assert {n for n, _ in mvm.named_parameters() if n.startswith("mask_embeddings")} == {
-            f"mask_embeddings.{i}" for i in range(5)
+        assert isinstance(mvm.decoder, SparKLightDecoder)
+        tokens = {n: tuple(p.shape) for n, p in mvm.named_parameters() if n.startswith("mask_tokens")}
+        assert tokens == {f"mask_tokens.{i}": (c,) for i, c in enumerate((512, 256, 128, 64))}  # resnet10, deepest first
+        assert [m.kernel_size for m in mvm.densify_projs] == [(1, 1, 1)] + [(3, 3, 3)] * 3
+        assert [m.out_channels for m in mvm.densify_projs] == [256, 128, 64, 32]  # decoder_channels 16 x 16, halving
+        embedding = build_pretrainer(_run_cfg("resnet", "mvm", roi=(64, 64, 64),
+                                              mvm={"mask_patch": 32, "resnet_densify": "embedding"}))
+        assert isinstance(embedding.decoder, UNetDecoder) and embedding.densify_norms is None
+        assert {n for n, _ in embedding.named_parameters() if n.startswith("mask_tokens")} == {
+            f"mask_tokens.{i}" for i in range(5)
         }
 
 
-def test_dae_disrupts_with_every_disruption_and_masks_exact_zeros():
-    cfg = _run_cfg("resnet", "dae", dae={"mask_ratio": 0.5, "mask_block": 8, "noise_std": [0.0, 0.0]})
-    pretrainer = build_pretrainer(cfg)
+@pytest.mark.parametrize("encoder", ["swin", "resnet"])
+def test_encoder_embed_then_stages_is_its_forward(encoder):
+    pretrainer = build_pretrainer(_run_cfg(encoder, "dae")).eval()
+    x = _volume(1, 1)
+    with torch.no_grad():
+        for a, b in zip(pretrainer.encoder(x), pretrainer.encoder.stages(pretrainer.encoder.embed(x))):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_dae_defaults_disrupt_as_the_official_code():
+    """Noise of variance 0.1, then nearest down/up by 4 (the image ``--choice all`` feeds the
+    encoder), then 60% of each crop's embedding channels zeroed at every token."""
+    pretrainer = build_pretrainer(_run_cfg("swin", "dae"))
+    x = _volume(2, 1)
+    draws = pretrainer.draw_disruption(x.shape, _gen())
+    assert list(draws) == ["noise_std", "noise", "downsample_factor", "local_mask"]
+    torch.testing.assert_close(draws["noise_std"], torch.full((2,), 0.1**0.5))
+    assert draws["downsample_factor"].tolist() == [4, 4]
+    corrupted = pretrainer.disrupt(x, draws)
+    noisy = x + 0.1**0.5 * draws["noise"]
+    expected = F.interpolate(F.interpolate(noisy, size=(8, 8, 8)), size=(32, 32, 32))
+    torch.testing.assert_close(corrupted, expected, rtol=0, atol=0)
+    seen = {}
+    hook = pretrainer.encoder.layers1c[0].register_forward_pre_hook(lambda m, args: seen.update(embedding=args[0]))
+    pretrainer.encode(corrupted, draws)
+    hook.remove()
+    embedding = seen["embedding"]  # (2, 12, 16, 16, 16): the input of the first Swin stage
+    zeroed = (embedding == 0).flatten(2).all(dim=2)
+    assert torch.equal(zeroed, draws["local_mask"]) and draws["local_mask"].sum(dim=1).tolist() == [7, 7]
+    assert not torch.equal(draws["local_mask"][0], draws["local_mask"][1])
+
+
+def test_dae_local_mask_on_resnet_zeroes_stem_channels_after_its_relu():
+    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae={"disruptions": ["local_mask"]}))
+    x = _volume(2, 1)
+    draws = pretrainer.draw_disruption(x.shape, _gen())
+    assert torch.equal(pretrainer.disrupt(x, draws), x)  # nothing happens in image space
+    stem = pretrainer.encode(x, draws)[0]  # (2, 64, 16, 16, 16), the map max pooling and layer1 read
+    assert torch.equal((stem == 0).flatten(2).all(dim=2), draws["local_mask"])
+    assert draws["local_mask"].sum(dim=1).tolist() == [38, 38]  # int(0.6 * 64)
+    torch.testing.assert_close(stem * (~draws["local_mask"]).view(2, 64, 1, 1, 1), stem)
+    unmasked = pretrainer.encoder.embed(x)
+    kept = ~draws["local_mask"]
+    torch.testing.assert_close(stem.transpose(0, 1)[kept.T], unmasked.transpose(0, 1)[kept.T])
+
+
+def test_dae_variations_block_mask_blur_and_area_sampling_stay_available():
+    dae = {"disruptions": ["downsample", "blur", "noise", "block_mask"], "downsample_mode": "area",
+           "downsample_factors": [2, 4], "block_mask_ratio": 0.5, "block_mask_size": 8, "noise_variance": [0.0, 0.0]}
+    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae=dae))
     x = _volume(2, 1) + 1.0  # strictly positive, so zeros come from the mask
-    corrupted = pretrainer.disrupt(x, pretrainer.draw_disruption(x.shape, _gen()))
+    draws = pretrainer.draw_disruption(x.shape, _gen())
+    assert list(draws) == ["downsample_factor", "blur_sigma", "noise_std", "noise", "block_mask"]
+    corrupted = pretrainer.disrupt(x, draws)
     assert corrupted.shape == x.shape and corrupted.dtype == torch.float32
     zero_fraction = (corrupted == 0).float().mean(dim=(1, 2, 3, 4))
     torch.testing.assert_close(zero_fraction, torch.full((2,), 0.5))
-    assert not torch.equal(corrupted, pretrainer.disrupt(x, pretrainer.draw_disruption(x.shape, _gen(1))))
     assert torch.equal(corrupted, pretrainer.disrupt(x, pretrainer.draw_disruption(x.shape, _gen())))
+    assert not torch.equal(corrupted, pretrainer.disrupt(x, pretrainer.draw_disruption(x.shape, _gen(1))))
+    blurred = gaussian_blur(down_up_sample(x, draws["downsample_factor"], (2, 4), "area"), draws["blur_sigma"], 1.5)
+    torch.testing.assert_close(corrupted, blurred.masked_fill(expand_mask(draws["block_mask"], (32, 32, 32)), 0.0))
 
 
-def test_dae_output_without_contrastive_term():
-    pretrainer = build_pretrainer(_run_cfg("swin", "dae"))
-    image = _volume(2, 1)
-    out = draw_and_forward(pretrainer, {"image": image}, _gen())
-    _check_output(out, image, {"reconstruction"})
+@pytest.mark.parametrize("encoder", ["swin", "resnet"])
+def test_dae_cmcl_contrasts_modalities_with_the_papers_weight(encoder):
+    pretrainer = build_pretrainer(_run_cfg(encoder, "dae"))
+    image = _volume(4, 1)
+    modality = torch.tensor([0, 1, 0, 1])
+    out = draw_and_forward(pretrainer, {"image": image, "modality": modality}, _gen())
+    _check_output(out, image, {"reconstruction", "cmcl"})
+    torch.testing.assert_close(out.loss, out.parts["reconstruction"] + 0.03 * out.parts["cmcl"])
+    seen = {}
+    hook = pretrainer.decoder.register_forward_pre_hook(lambda m, args: seen.update(deepest=args[0][-1]))
+    draw_and_forward(pretrainer, {"image": image, "modality": modality}, _gen())
+    hook.remove()
+    expected = multi_positive_info_nce(seen["deepest"].flatten(1), modality, 0.5)
+    torch.testing.assert_close(out.parts["cmcl"], expected.detach())
     out.loss.backward()
-    assert all(p.grad is not None for p in pretrainer.parameters())
+    assert all(torch.isfinite(p.grad).all() for p in pretrainer.parameters())
+    one_modality = draw_and_forward(pretrainer, {"image": image, "modality": torch.zeros(4, dtype=torch.long)}, _gen())
+    assert one_modality.parts["cmcl"] == 0  # nothing to contrast: no anchor has a negative
 
 
-@pytest.mark.parametrize("pairs, subject", [("views", None), ("subject", [3, 3]), ("subject", [1, 2])])
-def test_dae_contrastive_term_is_finite_with_and_without_subject_positives(pairs, subject):
-    dae = {"contrastive_weight": 0.5, "contrastive_pairs": pairs}
-    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae=dae))
-    image = _volume(2, 1)
-    batch = {"image": image} if subject is None else {"image": image, "subject": torch.tensor(subject)}
-    out = draw_and_forward(pretrainer, batch, _gen())
-    _check_output(out, image, {"reconstruction", "contrastive"})
-    torch.testing.assert_close(out.loss, out.parts["reconstruction"] + 0.5 * out.parts["contrastive"])
-    out.loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in pretrainer.parameters() if p.grad is not None)
-    assert all(p.grad is not None for p in pretrainer.projection.parameters())
-
-
-def test_dae_subject_pairs_need_subject_ids():
-    dae = {"contrastive_weight": 0.5, "contrastive_pairs": "subject"}
-    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae=dae))
-    with pytest.raises(KeyError, match=r"contrastive_pairs is 'subject' but the batch has no 'subject' ids"):
+def test_dae_cmcl_needs_modality_ids_and_can_be_switched_off():
+    pretrainer = build_pretrainer(_run_cfg("resnet", "dae"))
+    with pytest.raises(KeyError, match=r"cmcl_weight > 0 needs the crops' modality classes, but the batch has no"):
         draw_and_forward(pretrainer, {"image": _volume(2, 1)}, _gen())
-    with pytest.raises(ValueError, match=r"batch\['subject'\] must be an integer tensor of shape \(2,\), got \(3,\)"):
-        draw_and_forward(pretrainer, {"image": _volume(2, 1), "subject": torch.tensor([1, 2, 3])}, _gen())
+    with pytest.raises(ValueError, match=r"batch\['modality'\] must be an integer tensor of shape \(2,\), got \(3,\)"):
+        draw_and_forward(pretrainer, {"image": _volume(2, 1), "modality": torch.tensor([1, 2, 3])}, _gen())
+    off = build_pretrainer(_run_cfg("resnet", "dae", dae={"cmcl_weight": 0.0}))
+    _check_output(draw_and_forward(off, {"image": _volume(2, 1)}, _gen()), _volume(2, 1), {"reconstruction"})
 
 
-def test_dae_mask_block_must_divide_the_crop():
-    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae={"mask_block": 32, "mask_ratio": 0.9}))
-    with pytest.raises(ValueError, match=r"objective.dae.mask_block=32 / objective.dae.mask_ratio=0.9 do not fit"):
-        draw_and_forward(pretrainer, {"image": _volume(1, 1)}, _gen())
+def test_dae_block_mask_must_fit_the_crop():
+    dae = {"disruptions": ["block_mask"], "block_mask_size": 32, "block_mask_ratio": 0.9}
+    pretrainer = build_pretrainer(_run_cfg("resnet", "dae", dae=dae))
+    with pytest.raises(ValueError, match=r"objective.dae.block_mask_size=32 / objective.dae.block_mask_ratio=0.9 do"):
+        draw_and_forward(pretrainer, {"image": _volume(1, 1), "modality": torch.tensor([0])}, _gen())
+    with pytest.raises(ConfigError, match=r"data.roi \[32, 32, 32\] must be divisible by objective.dae.block_mask_size"):
+        _run_cfg("resnet", "dae", dae={"disruptions": ["block_mask"], "block_mask_size": 12})
 
 
 def test_pretrainer_checks_the_batch():
@@ -479,10 +665,14 @@ def test_pretrainer_checks_the_batch():
         draw_and_forward(pretrainer, {"image": torch.empty(1, 1, 32, 32, 32, device="meta")}, _gen())
 
 
-@pytest.mark.parametrize("encoder", ["swin", "resnet"])
+MVM_VARIANTS_UNDER_TEST = [("swin", "spark"), ("resnet", "spark"), ("resnet", "embedding")]
+
+
+@pytest.mark.parametrize("encoder, densify", MVM_VARIANTS_UNDER_TEST)
 @pytest.mark.parametrize("norm_target", [False, True])
-def test_mvm_loss_counts_only_masked_voxels(encoder, norm_target):
-    mvm = {"mask_patch": 16 if encoder == "swin" else 32, "mask_ratio": 0.5, "norm_target": norm_target}
+def test_mvm_loss_counts_only_masked_voxels(encoder, densify, norm_target):
+    mvm = {"mask_patch": 16 if encoder == "swin" else 32, "mask_ratio": 0.5, "norm_target": norm_target,
+           "resnet_densify": densify}
     pretrainer = build_pretrainer(_run_cfg(encoder, "mvm", roi=(64, 64, 64), mvm=mvm)).eval()
     image = _volume(2, 1, (64, 64, 64))
     grid = mask_grid_shape((64, 64, 64), mvm["mask_patch"], 0.5)
@@ -498,9 +688,26 @@ def test_mvm_loss_counts_only_masked_voxels(encoder, norm_target):
     assert draw_and_forward(pretrainer, {"image": image}, _gen(3)).loss > out.loss
 
 
-@pytest.mark.parametrize("encoder", ["swin", "resnet"])
-def test_mvm_reconstruction_does_not_see_masked_voxels(encoder):
-    mvm = {"mask_patch": 16 if encoder == "swin" else 32, "mask_ratio": 0.5}
+def test_spark_loss_is_l2_on_per_patch_normalised_masked_patches():
+    """SparK's ``((rec - (inp - mean) / (var + 1e-6) ** .5) ** 2)`` averaged over masked patches."""
+    mvm = {"mask_patch": 32, "mask_ratio": 0.5, "norm_target": True, "loss": "l2"}
+    pretrainer = build_pretrainer(_run_cfg("resnet", "mvm", roi=(64, 64, 32), mvm=mvm)).eval()
+    image = _volume(2, 1, (64, 64, 32))
+    draws = pretrainer.draw({"image": image}, _gen())
+    with torch.no_grad():
+        out = pretrainer({"image": image}, draws)
+        reconstruction = pretrainer.reconstruct(image, draws["mask"])
+    patches = image.reshape(2, 2, 32, 2, 32, 1, 32).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 4, -1)
+    predicted = reconstruction.reshape(2, 2, 32, 2, 32, 1, 32).permute(0, 1, 3, 5, 2, 4, 6).reshape(2, 4, -1)
+    target = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((predicted - target) ** 2).mean(-1)
+    masked = draws["mask"].reshape(2, 4).float()
+    torch.testing.assert_close(out.loss, (per_patch * masked).sum() / masked.sum())
+
+
+@pytest.mark.parametrize("encoder, densify", MVM_VARIANTS_UNDER_TEST)
+def test_mvm_reconstruction_does_not_see_masked_voxels(encoder, densify):
+    mvm = {"mask_patch": 16 if encoder == "swin" else 32, "mask_ratio": 0.5, "resnet_densify": densify}
     pretrainer = build_pretrainer(_run_cfg(encoder, "mvm", roi=(64, 64, 64), mvm=mvm)).eval()
     image = _volume(2, 1, (64, 64, 64))
     masked_grid = random_grid_mask(2, mask_grid_shape((64, 64, 64), mvm["mask_patch"], 0.5), 0.5, _gen())
@@ -527,19 +734,24 @@ def test_mvm_mask_patch_errors_name_the_key():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"dae": {"disruptions": []}}, r"objective.dae.disruptions must name at least one of mask, noise"),
-        ({"dae": {"disruptions": ["mask", "mask"]}}, r"objective.dae.disruptions names a disruption twice"),
+        ({"dae": {"disruptions": []}}, r"objective.dae.disruptions must name at least one of noise, downsample"),
+        ({"dae": {"disruptions": ["noise", "noise"]}}, r"objective.dae.disruptions names a disruption twice"),
         ({"dae": {"disruptions": ["jpeg"]}}, r"objective.dae.disruptions\[0\]: got 'jpeg'"),
-        ({"dae": {"noise_std": [0.2, 0.1]}}, r"objective.dae.noise_std must be \[low, high\] with 0 <= low <= high"),
+        ({"dae": {"disruptions": ["local_mask", "noise"]}}, r"objective.dae.disruptions must list local_mask last"),
+        ({"dae": {"noise_variance": [0.2, 0.1]}},
+         r"objective.dae.noise_variance must be \[low, high\] with 0 <= low <= high"),
         ({"dae": {"blur_sigma": [0.0, 1.0]}}, r"objective.dae.blur_sigma must be \[low, high\] with 0 < low"),
         ({"dae": {"downsample_factors": [3]}}, r"objective.dae.downsample_factors allows 2 and 4"),
         ({"dae": {"downsample_factors": [2, 2]}}, r"objective.dae.downsample_factors names a factor twice"),
-        ({"dae": {"mask_block": 0}}, r"objective.dae.mask_block must be >= 1 voxel, got 0"),
-        ({"dae": {"temperature": 0.0}}, r"objective.dae.temperature must be > 0, got 0.0"),
-        ({"dae": {"projection_dim": 0}}, r"objective.dae.projection_dim must be >= 1, got 0"),
-        ({"dae": {"contrastive_pairs": "patient"}}, r"objective.dae.contrastive_pairs: got 'patient'"),
+        ({"dae": {"downsample_mode": "cubic"}}, r"objective.dae.downsample_mode: got 'cubic'"),
+        ({"dae": {"local_mask_ratio": 1.0}}, r"objective.dae.local_mask_ratio must be in \(0, 1\), got 1.0"),
+        ({"dae": {"block_mask_size": 0}}, r"objective.dae.block_mask_size must be >= 1 voxel, got 0"),
+        ({"dae": {"cmcl_temperature": 0.0}}, r"objective.dae.cmcl_temperature must be > 0, got 0.0"),
+        ({"dae": {"cmcl_weight": -1.0}}, r"objective.dae.cmcl_weight must be >= 0, got -1.0"),
+        ({"dae": {"contrastive_pairs": "subject"}}, r"unknown config key objective.dae.contrastive_pairs"),
         ({"mvm": {"mask_ratio": 1.0}}, r"objective.mvm.mask_ratio must be in \(0, 1\), got 1.0"),
         ({"mvm": {"mask_patch": 0}}, r"objective.mvm.mask_patch must be >= 1 voxel, got 0"),
+        ({"mvm": {"resnet_densify": "none"}}, r"objective.mvm.resnet_densify: got 'none'"),
     ],
 )
 def test_objective_config_errors_name_the_key(override, message):
@@ -547,15 +759,43 @@ def test_objective_config_errors_name_the_key(override, message):
         config_from_dict({"objective": override})
 
 
+def test_shipped_configs_hold_the_documented_recipes():
+    """The numbers the objectives' docstrings give for the paper/official-code defaults are the
+    shipped configs' numbers."""
+    import volpre.objectives.dae as dae_module
+    import volpre.objectives.mvm as mvm_module
+    from volpre.config import load_config
+
+    for name in ("swin-dae", "resnet-dae", "swin-dae-tiny", "resnet-dae-tiny"):
+        dae = load_config(name).objective.dae
+        assert dae.disruptions == ("noise", "downsample", "local_mask"), name
+        assert (dae.noise_variance, dae.downsample_factors, dae.downsample_mode) == ((0.1, 0.1), (4,), "nearest")
+        assert (dae.local_mask_ratio, dae.loss, dae.cmcl_weight, dae.cmcl_temperature) == (0.6, "l1", 0.03, 0.5)
+    for text in ("variance 0.1", "downsampling by 4", "60% of the embedding channels", "L1 over every voxel",
+                 "weight 0.03", "temperature 0.5"):
+        assert text in " ".join(dae_module.__doc__.split()), text
+    for name in ("resnet-mvm", "resnet-mvm-tiny"):
+        mvm = load_config(name).objective.mvm
+        assert (mvm.mask_patch, mvm.mask_ratio, mvm.norm_target, mvm.loss, mvm.resnet_densify) == (
+            32, 0.6, True, "l2", "spark"), name
+    for name in ("swin-mvm", "swin-mvm-tiny"):
+        mvm = load_config(name).objective.mvm
+        assert (mvm.mask_ratio, mvm.norm_target, mvm.loss) == (0.6, False, "l1"), name
+    assert load_config("swin-mvm").objective.mvm.mask_patch == 16
+    doc = " ".join(mvm_module.__doc__.split())
+    for text in ("mask patch 16 voxels for a model patch of 2, ratio 0.6", "(``mask_patch`` 32, ratio 0.6)",
+                 "``norm_target: true``", "``loss: l2``", "``resnet_densify: spark``"):
+        assert text in doc, text
+
+
 @pytest.mark.parametrize("encoder, objective, roi", COMBINATIONS)
 def test_every_parameter_gets_a_gradient_under_bf16_autocast(encoder, objective, roi):
     """DDP (find_unused_parameters=False) needs every parameter used; the trainer defaults to bf16."""
-    dae = {"contrastive_weight": 0.1, "mask_block": 8}
-    pretrainer = build_pretrainer(_run_cfg(encoder, objective, roi=roi, dae=dae))
+    pretrainer = build_pretrainer(_run_cfg(encoder, objective, roi=roi))
     image = _volume(2, 1, roi)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = draw_and_forward(pretrainer, {"image": image}, _gen())
-    _check_output(out, image, {"reconstruction", "contrastive"} if objective == "dae" else {"reconstruction"})
+        out = draw_and_forward(pretrainer, {"image": image, "modality": TWO_MODALITIES}, _gen())
+    _check_output(out, image, {"reconstruction", "cmcl"} if objective == "dae" else {"reconstruction"})
     assert out.loss.dtype == torch.float32
     out.loss.backward()
     missing = [name for name, p in pretrainer.named_parameters() if p.grad is None]
@@ -576,20 +816,19 @@ def test_build_pretrainer_names_an_unknown_objective():
 @pytest.mark.parametrize("encoder, objective, roi", COMBINATIONS)
 def test_a_few_adam_steps_on_one_batch_lower_the_loss(encoder, objective, roi):
     torch.manual_seed(0)
-    dae = {"contrastive_weight": 0.1, "mask_block": 8}
     mvm = {"mask_patch": 8 if encoder == "swin" else 32, "mask_ratio": 0.5}
-    pretrainer = build_pretrainer(_run_cfg(encoder, objective, roi=roi, dae=dae, mvm=mvm))
-    image = _volume(2, 1, roi)
+    pretrainer = build_pretrainer(_run_cfg(encoder, objective, roi=roi, mvm=mvm))
+    batch = {"image": _volume(2, 1, roi), "modality": TWO_MODALITIES}
     optimizer = torch.optim.Adam(pretrainer.parameters(), lr=2e-3)
 
     def evaluation_loss() -> float:
         with torch.no_grad():
-            return draw_and_forward(pretrainer, {"image": image}, _gen(123)).loss.item()
+            return draw_and_forward(pretrainer, batch, _gen(123)).loss.item()
 
     before = evaluation_loss()
     generator = _gen(0)
     for _ in range(20):
         optimizer.zero_grad()
-        draw_and_forward(pretrainer, {"image": image}, generator).loss.backward()
+        draw_and_forward(pretrainer, batch, generator).loss.backward()
         optimizer.step()
     assert evaluation_loss() < 0.75 * before

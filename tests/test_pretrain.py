@@ -22,7 +22,8 @@ from volpre.data.dataset import PretrainDataset, VolumeGroups
 from volpre.data.manifest import load_manifest
 from volpre.engine import checkpoint as checkpoint_module
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from volpre.engine.trainer import pretrain
+from volpre.engine.ema import build_ema, update_ema
+from volpre.engine.trainer import param_groups, pretrain
 from volpre.objectives import build_pretrainer, draw_and_forward
 
 FAST = ["data.num_workers=0"]
@@ -47,7 +48,7 @@ def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
     groups = VolumeGroups.build(load_manifest(manifest).entries, by_subject=False)
     dataset = PretrainDataset(groups, cfg.preprocess, cfg.data, seed=123)
     crops = [c for i in range(len(groups)) for c in dataset[(0, i)]]
-    batch = {"image": torch.stack([c["image"] for c in crops])}
+    batch = {"image": torch.stack([c["image"] for c in crops]), "modality": torch.stack([c["modality"] for c in crops])}
     with torch.no_grad():
         return float(draw_and_forward(model, batch, torch.Generator().manual_seed(5)).loss)
 
@@ -55,8 +56,8 @@ def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
 @pytest.mark.parametrize("name", ["swin-dae-tiny", "swin-mvm-tiny", "resnet-dae-tiny", "resnet-mvm-tiny"])
 def test_tiny_config_learns_on_demo_data(name, demo_manifest, tmp_path):
     cfg = load_config(name, FAST)
-    result = pretrain(cfg, demo_manifest, tmp_path, max_steps=30, device="cpu")
-    assert result.final_step == 30 and len(_losses(tmp_path)) == 30
+    result = pretrain(cfg, demo_manifest, tmp_path, max_steps=60, device="cpu")
+    assert result.final_step == 60 and len(_losses(tmp_path)) == 60
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     before = _fixed_batch_loss(cfg, None, demo_manifest)
     after = _fixed_batch_loss(cfg, state["model"], demo_manifest)
@@ -64,7 +65,8 @@ def test_tiny_config_learns_on_demo_data(name, demo_manifest, tmp_path):
 
 
 def test_resume_continues_exactly(demo_manifest, tmp_path):
-    overrides = ["train.checkpoint_every=5", "data.num_workers=1"]  # a worker process, as in real runs
+    overrides = ["train.checkpoint_every=5", "data.num_workers=1",  # a worker process, as in real runs
+                 "train.ema_decay=0.99"]
     cfg = load_config("resnet-dae-tiny", overrides)
     pretrain(cfg, demo_manifest, tmp_path / "straight", max_steps=12, device="cpu")
     pretrain(cfg, demo_manifest, tmp_path / "stopped", max_steps=6, device="cpu")
@@ -72,9 +74,12 @@ def test_resume_continues_exactly(demo_manifest, tmp_path):
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "stopped")
     assert len(straight) == len(resumed) == 12
     assert resumed == pytest.approx(straight, rel=1e-6, abs=0)
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight_state = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    resumed_state = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
+    for part in ("model", "ema"):
+        a, b = straight_state[part], resumed_state[part]
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    assert int(resumed_state["ema"]["n_averaged"]) == 12
 
 
 def test_checkpoint_contents_logs_and_retention(demo_manifest, tmp_path):
@@ -228,3 +233,78 @@ def test_accumulation_ema_and_bf16_autocast(demo_manifest, tmp_path):
     model = state["model"]
     name = next(k for k in model if k.startswith("encoder.") and model[k].is_floating_point() and model[k].ndim > 1)
     assert not torch.equal(ema[f"module.{name}"], model[name])  # the average lags the weights
+
+
+def test_ema_copies_integer_buffers_and_averages_floats_at_swin_decay():
+    """At decay 0.9999 an average of integers truncates (AveragedModel(use_buffers=True) turned
+    Swin's relative_position_index off by one); the EMA copies them, and averages the rest."""
+    torch.manual_seed(0)
+    model = build_pretrainer(load_config("swin-dae-tiny"))
+    ema = build_ema(model, torch.device("cpu"))
+    name = "encoder.layers1.0.blocks.0.attn.qkv.weight"
+    expected = None
+    for step in range(50):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.01)  # a training step
+        update_ema(ema, model, 0.9999, first=step == 0)
+        current = dict(model.named_parameters())[name].detach()
+        expected = current.clone() if expected is None else torch.lerp(expected, current, 1 - 0.9999)
+    buffers = dict(model.named_buffers())
+    integer = {k: v for k, v in buffers.items() if not v.is_floating_point()}
+    assert any(k.endswith("relative_position_index") for k in integer)
+    ema_buffers = dict(ema.module.named_buffers())
+    assert all(torch.equal(ema_buffers[k], v) for k, v in integer.items())
+    assert torch.equal(dict(ema.module.named_parameters())[name], expected)
+    assert int(ema.n_averaged) == 50 and ema.n_averaged.device == torch.device("cpu")
+
+
+def test_ema_averages_batchnorm_statistics_and_copies_their_counter():
+    torch.manual_seed(0)
+    model = build_pretrainer(load_config("resnet-dae-tiny"))
+    ema = build_ema(model, torch.device("cpu"))
+    bn = "encoder.bn1"
+    history = []
+    for step in range(3):
+        model.encoder(torch.rand(2, 1, 32, 32, 32) * (step + 1))  # train mode: running statistics move
+        update_ema(ema, model, 0.9, first=step == 0)
+        history.append(dict(model.named_buffers())[f"{bn}.running_mean"].clone())
+    expected = history[0]
+    for current in history[1:]:
+        expected = torch.lerp(expected, current, 0.1)
+    averaged = dict(ema.module.named_buffers())
+    torch.testing.assert_close(averaged[f"{bn}.running_mean"], expected)
+    assert not torch.equal(averaged[f"{bn}.running_mean"], history[-1])
+    assert int(averaged[f"{bn}.num_batches_tracked"]) == 3
+
+
+def test_exported_ema_of_a_swin_run_keeps_swinunetrs_integer_buffers(demo_manifest, tmp_path):
+    from monai.networks.nets import SwinUNETR
+
+    run = tmp_path / "run"
+    cfg = load_config("swin-dae-tiny", FAST + ["train.ema_decay=0.9999", "train.checkpoint_every=3"])
+    pretrain(cfg, demo_manifest, run, max_steps=3, device="cpu")
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(run / "checkpoints" / "last.pt"), "--task", "segmentation", "--out-channels", "2",
+                 "--roi", "64", "64", "64", "--weights", "ema", "--out", str(bundle)]) == 0
+    exported = torch.load(bundle / "models" / "pretrained_encoder.pt", weights_only=True)
+    fresh = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, window_size=4, use_v2=True).state_dict()
+    integer = {k: v for k, v in exported.items() if not v.is_floating_point()}
+    assert sum(k.endswith("relative_position_index") for k in integer) == 8  # 2 blocks x 4 stages
+    assert all(torch.equal(v, fresh[k]) for k, v in integer.items())
+
+
+def test_swin_weight_decay_spares_position_bias_tables_mask_tokens_norms_and_biases():
+    model = build_pretrainer(load_config("swin-mvm-tiny"))
+    decayed, spared = param_groups(model, 0.05)
+    assert (decayed["weight_decay"], spared["weight_decay"]) == (0.05, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert decayed_names | spared_names == set(names.values()) and not decayed_names & spared_names
+    assert "mask_token" in spared_names
+    assert {n for n in names.values() if "relative_position_bias_table" in n} <= spared_names
+    assert all(not n.endswith("bias") and "norm" not in n for n in decayed_names)
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim == 1 or "relative_position_bias_table" in n for n in spared_names)
+    assert "encoder.layers1.0.blocks.0.attn.qkv.weight" in decayed_names

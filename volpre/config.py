@@ -185,57 +185,74 @@ class ModelConfig:
             raise ConfigError(f"model.decoder_channels must be a positive multiple of 8, got {self.decoder_channels}")
 
 
+DAE_IMAGE_DISRUPTIONS = ("noise", "downsample", "blur", "block_mask")
+"""Disruptions of the image itself, applied in the order ``objective.dae.disruptions`` lists them."""
+DAE_DISRUPTIONS = (*DAE_IMAGE_DISRUPTIONS, "local_mask")
+"""Every disruption name; ``local_mask`` acts on the patch embedding, after the image disruptions."""
+
+
 @dataclass
 class DAEConfig:
-    """Disruptive autoencoder: corrupt, then reconstruct the clean crop.
-
-    The named disruptions are applied in a fixed order (downsample, blur, noise, mask), each with
-    parameters drawn per sample.
+    """Disruptive autoencoder (Valanarasu et al. 2023): disrupt, reconstruct the clean crop, plus the
+    cross-modal contrastive loss. The defaults are the paper's and its official code's combined
+    recipe ("all"): noise of variance 0.1, downsampling by 4 (nearest), local masking of 60% of
+    the embedding channels, L1 over all voxels, CMCL at weight 0.03 and temperature 0.5
+    (:mod:`volpre.objectives.dae` lists where volpre follows and where it differs).
     """
 
-    disruptions: tuple[Literal["mask", "noise", "downsample", "blur"], ...] = (
-        "mask",
+    disruptions: tuple[Literal["noise", "downsample", "blur", "block_mask", "local_mask"], ...] = (
         "noise",
         "downsample",
-        "blur",
+        "local_mask",
     )
-    """Which disruptions to apply (any non-empty combination, each at most once)."""
-    mask_ratio: float = 0.5
-    """Fraction of the crop's cubic blocks set to zero (exactly ``round(ratio * blocks)`` per sample)."""
-    mask_block: int = 16
-    """Edge of a masked cubic block, in voxels (must divide the crop size)."""
-    noise_std: tuple[float, float] = (0.0, 0.1)
-    """Additive Gaussian noise: std drawn uniformly from this range per sample."""
-    downsample_factors: tuple[int, ...] = (2, 4)
-    """Downsample (average) then upsample (trilinear) by one of these factors, drawn per sample."""
+    """Disruptions, each at most once: the image disruptions (``noise``, ``downsample``, and volpre's
+    variations ``blur`` and ``block_mask``) in the order listed, then ``local_mask`` (which must come
+    last: it zeroes channels of the patch embedding inside the encoder)."""
+    noise_variance: tuple[float, float] = (0.1, 0.1)
+    """Additive Gaussian noise: variance drawn uniformly from this range per crop (equal ends: fixed,
+    as the official code's ``--variance 0.1``)."""
+    downsample_factors: tuple[int, ...] = (4,)
+    """Downsample then upsample back by one of these factors, drawn per crop (official: 4)."""
+    downsample_mode: Literal["nearest", "area"] = "nearest"
+    """``nearest``: nearest-neighbour down and up (``F.interpolate``'s default, as the official code);
+    ``area`` (volpre's variation): average pooling down, trilinear up."""
+    local_mask_ratio: float = 0.6
+    """Local masking: share of each crop's patch-embedding channels zeroed, at every token
+    (``floor(ratio * channels)`` of them, as the official code's ``int(0.6 * C)``)."""
+    block_mask_ratio: float = 0.5
+    """``block_mask`` (volpre's variation): share of the crop's cubic voxel blocks set to zero
+    (exactly ``round(ratio * blocks)`` per crop)."""
+    block_mask_size: int = 16
+    """``block_mask``: edge of a masked cubic block, in voxels (must divide the crop size)."""
     blur_sigma: tuple[float, float] = (0.5, 1.5)
-    """Gaussian blur: sigma in voxels drawn uniformly from this range per sample."""
+    """``blur`` (volpre's variation): Gaussian blur sigma in voxels, drawn uniformly per crop."""
     loss: Literal["l1", "l2"] = "l1"
-    """Reconstruction loss over all voxels of the clean crop."""
-    contrastive_weight: float = 0.0
-    """Weight of the contrastive (InfoNCE) term between two disruptions of one crop (0 disables it,
-    and then each crop is disrupted once and no projection head is built)."""
-    contrastive_pairs: Literal["views", "subject"] = "views"
-    """Positives: the other disruption of the same crop (``views``), or additionally every crop of the
-    same subject in the batch (``subject``; needs ``batch["subject"]``)."""
-    temperature: float = 0.1
-    """Softmax temperature of the contrastive term."""
-    projection_dim: int = 128
-    """Output width of the contrastive projection head (pooled deepest features -> MLP -> this)."""
+    """Reconstruction loss over all voxels of the clean crop (official: L1, ``all_img``)."""
+    cmcl_weight: float = 0.03
+    """Weight of the cross-modal contrastive loss (official ``--mm_con 0.03``; 0 disables it)."""
+    cmcl_temperature: float = 0.5
+    """Temperature of the cross-modal contrastive loss (official ``--temperature 0.5``)."""
 
     def validate(self) -> None:
-        allowed = ("mask", "noise", "downsample", "blur")
         if not self.disruptions:
-            raise ConfigError(f"objective.dae.disruptions must name at least one of {', '.join(allowed)}")
+            raise ConfigError(f"objective.dae.disruptions must name at least one of {', '.join(DAE_DISRUPTIONS)}")
         if len(set(self.disruptions)) != len(self.disruptions):
             raise ConfigError(f"objective.dae.disruptions names a disruption twice: {list(self.disruptions)}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"objective.dae.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.mask_block < 1:
-            raise ConfigError(f"objective.dae.mask_block must be >= 1 voxel, got {self.mask_block}")
-        lo, hi = self.noise_std
+        if "local_mask" in self.disruptions and self.disruptions[-1] != "local_mask":
+            raise ConfigError(
+                "objective.dae.disruptions must list local_mask last (it masks the patch embedding, after the "
+                f"image disruptions), got {list(self.disruptions)}"
+            )
+        for key in ("local_mask_ratio", "block_mask_ratio"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"objective.dae.{key} must be in (0, 1), got {getattr(self, key)}")
+        if self.block_mask_size < 1:
+            raise ConfigError(f"objective.dae.block_mask_size must be >= 1 voxel, got {self.block_mask_size}")
+        lo, hi = self.noise_variance
         if not 0.0 <= lo <= hi:
-            raise ConfigError(f"objective.dae.noise_std must be [low, high] with 0 <= low <= high, got {[lo, hi]}")
+            raise ConfigError(
+                f"objective.dae.noise_variance must be [low, high] with 0 <= low <= high, got {[lo, hi]}"
+            )
         lo, hi = self.blur_sigma
         if not 0.0 < lo <= hi:
             raise ConfigError(f"objective.dae.blur_sigma must be [low, high] with 0 < low <= high, got {[lo, hi]}")
@@ -247,17 +264,19 @@ class DAEConfig:
             raise ConfigError(
                 f"objective.dae.downsample_factors names a factor twice: {list(self.downsample_factors)}"
             )
-        if self.contrastive_weight < 0:
-            raise ConfigError(f"objective.dae.contrastive_weight must be >= 0, got {self.contrastive_weight}")
-        if self.temperature <= 0:
-            raise ConfigError(f"objective.dae.temperature must be > 0, got {self.temperature}")
-        if self.projection_dim < 1:
-            raise ConfigError(f"objective.dae.projection_dim must be >= 1, got {self.projection_dim}")
+        if self.cmcl_weight < 0:
+            raise ConfigError(f"objective.dae.cmcl_weight must be >= 0, got {self.cmcl_weight}")
+        if self.cmcl_temperature <= 0:
+            raise ConfigError(f"objective.dae.cmcl_temperature must be > 0, got {self.cmcl_temperature}")
 
 
 @dataclass
 class MVMConfig:
-    """Masked volume modeling: SimMIM-style for Swin, SparK-style for ResNet."""
+    """Masked volume modeling: SimMIM for Swin, SparK for the ResNet.
+
+    The dataclass defaults are SimMIM's (raw target, L1); ``resnet-mvm`` sets SparK's
+    (``norm_target: true``, ``loss: l2``, ``resnet_densify: spark``).
+    """
 
     mask_ratio: float = 0.6
     """Fraction of the crop's patches masked (exactly ``round(ratio * patches)`` per sample)."""
@@ -266,9 +285,15 @@ class MVMConfig:
     multiple of the encoder's total stride on every axis). ``null`` only with the ``nnunet`` encoder: one
     cell per position of its deepest feature map (its total stride on each axis, SparK's choice)."""
     norm_target: bool = False
-    """Normalise each target patch to zero mean, unit variance (as in MAE/SimMIM)."""
+    """Normalise each target patch to zero mean and unit variance, as MAE and SparK do (SimMIM
+    predicts the raw voxels)."""
     loss: Literal["l1", "l2"] = "l1"
-    """Reconstruction loss, over masked voxels only."""
+    """Reconstruction loss, over masked voxels only (SimMIM: L1; SparK: L2)."""
+    resnet_densify: Literal["spark", "embedding"] = "spark"
+    """ResNet only (the Swin SimMIM variant has one way): ``spark`` fills and decodes as SparK does
+    (per scale: masked BatchNorm, the mask token in empty positions, a projection convolution, then
+    SparK's light hierarchical decoder); ``embedding`` (volpre's variation) fills masked positions of
+    each of the five maps with a learned per-level embedding and decodes with ``model``'s UNet decoder."""
 
     def validate(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -376,11 +401,11 @@ class RunConfig:
                     f"patches of {patch}^3 in a data.roi crop of {list(self.data.roi)}; it must mask at least one "
                     "and leave at least one visible (use a larger roi or a smaller mask_patch)"
                 )
-        if self.objective.name == "dae" and "mask" in self.objective.dae.disruptions:
-            block = self.objective.dae.mask_block
+        if self.objective.name == "dae" and "block_mask" in self.objective.dae.disruptions:
+            block = self.objective.dae.block_mask_size
             if any(r % block for r in self.data.roi):
                 raise ConfigError(
-                    f"data.roi {list(self.data.roi)} must be divisible by objective.dae.mask_block {block}"
+                    f"data.roi {list(self.data.roi)} must be divisible by objective.dae.block_mask_size {block}"
                 )
 
     def to_dict(self) -> dict[str, Any]:

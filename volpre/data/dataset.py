@@ -75,10 +75,16 @@ class OnTheFlyCrops:
 
 @dataclass(frozen=True)
 class VolumeGroups:
-    """Dataset items: each a tuple of entries the item's crops are drawn from, and a subject index."""
+    """Dataset items: each a tuple of entries the item's crops are drawn from, and a subject index.
+
+    ``modality_classes`` are the sorted distinct :attr:`~volpre.data.manifest.ManifestEntry.modality_class`
+    values of all entries; a crop's ``modality`` id is its entry's index in them (the same on every
+    rank, which reads the same manifest).
+    """
 
     groups: tuple[tuple[ManifestEntry, ...], ...]
     subject_index: tuple[int, ...]
+    modality_classes: tuple[str, ...]
 
     @classmethod
     def build(cls, entries: Sequence[ManifestEntry], by_subject: bool) -> "VolumeGroups":
@@ -87,10 +93,15 @@ class VolumeGroups:
         for entry in entries:
             subjects[entry.subject_or_id].append(entry)
         subject_ids = {name: i for i, name in enumerate(sorted(subjects))}
+        classes = tuple(sorted({e.modality_class for e in entries}))
         if by_subject:
             names = sorted(subjects)
-            return cls(tuple(tuple(subjects[n]) for n in names), tuple(subject_ids[n] for n in names))
-        return cls(tuple((e,) for e in entries), tuple(subject_ids[e.subject_or_id] for e in entries))
+            return cls(tuple(tuple(subjects[n]) for n in names), tuple(subject_ids[n] for n in names), classes)
+        return cls(tuple((e,) for e in entries), tuple(subject_ids[e.subject_or_id] for e in entries), classes)
+
+    def modality_id(self, entry: ManifestEntry) -> int:
+        """Index of ``entry``'s modality class in :attr:`modality_classes`."""
+        return self.modality_classes.index(entry.modality_class)
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -144,9 +155,10 @@ def find_volume_error(error: BaseException) -> VolumeError | None:
 class PretrainDataset(torch.utils.data.Dataset):
     """``dataset[(epoch, item)]`` -> list of ``crops_per_volume`` crop dicts.
 
-    Each crop: ``image`` float32 tensor ``(C, *roi)`` (CT in [0, 1], MR z-scored) and
-    ``subject`` int64 scalar tensor (index of the item's subject, for the multi-instance
-    contrastive objective). When an item's group holds several scans (by-subject items), its crops
+    Each crop: ``image`` float32 tensor ``(C, *roi)`` (CT in [0, 1], MR z-scored), ``subject``
+    int64 scalar tensor (index of the item's subject, for the multi-instance contrastive
+    objective) and ``modality`` int64 scalar tensor (its entry's modality class id,
+    :meth:`VolumeGroups.modality_id`, for the cross-modal contrastive loss). When an item's group holds several scans (by-subject items), its crops
     cycle over the scans, starting at a random one. ``crops`` cuts them (default:
     :class:`OnTheFlyCrops`; the trainer passes the cache's ``CachedCrops``).
     """
@@ -189,10 +201,12 @@ class PretrainDataset(torch.utils.data.Dataset):
         per_entry = [self.data.crops_per_volume // len(order) + (k < self.data.crops_per_volume % len(order))
                      for k in range(len(order))]
         crops: list[torch.Tensor] = []
+        modalities: list[int] = []
         for entry, count in zip(order, per_entry):
             try:
                 entry_rng = np.random.default_rng(int(rng.integers(2**31)))
                 crops.extend(_checked_finite(entry, self.crops(entry, count, entry_rng)))
+                modalities.extend([self.groups.modality_id(entry)] * count)
             except Exception as error:  # noqa: BLE001 - every failure of one entry is recorded, not fatal
                 if self.data.on_bad_entry == "fail":
                     volume_error = find_volume_error(error)
@@ -203,7 +217,8 @@ class PretrainDataset(torch.utils.data.Dataset):
                 self.bad_entries.record(entry, error)
                 return None
         subject = torch.tensor(self.groups.subject_index[index], dtype=torch.int64)
-        return [{"image": c, "subject": subject} for c in crops]
+        return [{"image": c, "subject": subject, "modality": torch.tensor(m, dtype=torch.int64)}
+                for c, m in zip(crops, modalities)]
 
 
 def _checked_finite(entry: ManifestEntry, crops: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -245,8 +260,8 @@ def crop_loader(dataset: PretrainDataset, sampler: Iterable[tuple[int, int]], da
     """The pretraining ``DataLoader``: ``data.num_workers`` persistent workers cut the crops (each
     reads only its crops' regions from the cache), 4 batches prefetched per worker.
 
-    Each batch: ``image`` float32 ``(data.batch_size * crops_per_volume, C, *roi)`` and
-    ``subject`` int64 ``(data.batch_size * crops_per_volume,)``.
+    Each batch: ``image`` float32 ``(data.batch_size * crops_per_volume, C, *roi)``, ``subject``
+    and ``modality`` int64 ``(data.batch_size * crops_per_volume,)``.
     """
     workers = data.num_workers
     return torch.utils.data.DataLoader(

@@ -56,6 +56,8 @@ class ManifestEntry:
     id: str
     subject: str | None = None
     modality: str | None = None
+    sequence: str | None = None
+    """MR sequence (``T1``, ``T1CE``, ``T2``, ``FLAIR``, ...), when known."""
     label: Path | None = None
     time: float | None = None
     event: int | None = None
@@ -69,6 +71,13 @@ class ManifestEntry:
     def subject_or_id(self) -> str:
         """The subject, or the entry's own id when no subject is recorded."""
         return self.subject if self.subject is not None else self.id
+
+    @property
+    def modality_class(self) -> str:
+        """``modality``, refined by ``sequence`` when one is given (``CT``, ``MR``, ``MR/T2``); the
+        classes of the disruptive autoencoder's cross-modal contrastive loss. ``?`` when neither is known."""
+        modality = self.modality or "?"
+        return modality if self.sequence is None else f"{modality}/{self.sequence}"
 
     def to_record(self) -> dict[str, Any]:
         """A plain dict for MONAI dictionary transforms: absolute path strings, absent keys omitted.
@@ -141,6 +150,7 @@ def _entry_from_json(item: dict[str, Any], base_dir: Path) -> ManifestEntry:
         id=item.get("id") or derive_entry_id(first, item.get("series_uid")),
         subject=item.get("subject"),
         modality=item.get("modality"),
+        sequence=item.get("sequence"),
         label=_resolve(base_dir, item["label"]) if "label" in item else None,
         time=float(item["time"]) if "time" in item else None,
         event=int(item["event"]) if "event" in item else None,
@@ -196,7 +206,7 @@ def relative_path(path: Path, base_dir: Path | None) -> str:
 def _entry_to_json(entry: ManifestEntry, base_dir: Path | None) -> dict[str, Any]:
     images = [relative_path(p, base_dir) for p in entry.image]
     out: dict[str, Any] = {"image": images[0] if len(images) == 1 else images, "id": entry.id}
-    for key in ("subject", "modality", "time", "event", "covariates", "split", "series_uid"):
+    for key in ("subject", "modality", "sequence", "time", "event", "covariates", "split", "series_uid"):
         value = getattr(entry, key)
         if value is not None:
             out[key] = value

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from volpre.config import RunConfig, config_from_dict
 from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
@@ -36,6 +35,7 @@ from volpre.data.nnunet_plan import NNUNetPlan, resolve_run_config
 from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from volpre.engine.distributed import DistContext, setup_distributed, teardown_distributed
+from volpre.engine.ema import build_ema, update_ema
 from volpre.engine.logging import RunLogger
 from volpre.objectives import build_pretrainer, samples_by_subject
 from volpre.versions import installed_versions
@@ -74,13 +74,25 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+NO_WEIGHT_DECAY_NAMES = ("relative_position_bias_table", "mask_token")
+"""Parameter names (substrings) never decayed, whatever their shape: Swin's relative position bias
+tables (Swin's ``no_weight_decay_keywords``) and mask tokens (SimMIM's ``no_weight_decay``, SparK's
+``mask_tokens``)."""
+
+
+def decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Whether AdamW decays parameter ``name``: not biases, norm weights or other 1D parameters (Swin's,
+    SimMIM's and SparK's rule ``ndim == 1 or name.endswith('.bias')``), nor :data:`NO_WEIGHT_DECAY_NAMES`."""
+    return p.ndim > 1 and not name.endswith("bias") and not any(key in name for key in NO_WEIGHT_DECAY_NAMES)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases, norm weights, tokens and other 1D parameters."""
+    """AdamW groups: ``weight_decay`` on the parameters :func:`decays` names, 0 on the others."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -204,7 +216,7 @@ class Pretraining:
             self.module = self.module.to(memory_format=torch.channels_last_3d)
         self.ema = None
         if cfg.train.ema_decay > 0:
-            self.ema = AveragedModel(self.module, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            self.ema = build_ema(self.module, ctx.device)
         self.model: torch.nn.Module = self.module
         if ctx.world_size > 1:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -317,8 +329,8 @@ class Pretraining:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.module)
+        if self.ema is not None:  # updated once per step, so the first update is step 0's
+            update_ema(self.ema, self.module, t.ema_decay, first=self.step == 0)
         self.step += 1
         values = {"loss": loss_sum / n, **{f"loss.{k}": v / n for k, v in parts_sum.items()}}
         if grad_norm is not None:

@@ -1,4 +1,7 @@
-"""Light UNet-like pretraining decoder: five encoder feature maps back to a full-resolution volume.
+"""Pretraining decoders (dropped at export): volpre's light UNet-like decoder of five encoder maps,
+and SparK's light hierarchical decoder (:class:`SparKLightDecoder`, used by the ResNet's SparK).
+
+:class:`UNetDecoder`: five encoder feature maps back to a full-resolution volume.
 
 Used only during pretraining (export drops it). It is built from MONAI's ``BasicUNet`` pieces:
 a 1x1 convolution on the deepest map, four ``UpCat`` stages (transposed-conv upsampling, concat
@@ -70,3 +73,64 @@ class UNetDecoder(nn.Module):
         for stage, skip in zip(self.up_stages, reversed(features[:-1])):
             x = stage(x, skip)
         return self.head(self.to_full_resolution(x))
+
+
+class SparKLightDecoder(nn.Module):
+    """SparK's light hierarchical decoder (Tian et al. 2023, keyu-tian/SparK ``pretrain/decoder.py``
+    ``LightDecoder``), in 3D: dense maps at strides 32, 16, 8, 4 -> ``(B, out_channels, X, Y, Z)``.
+
+    Five blocks, each: transposed convolution ``4^3`` stride 2 (upsampling ``x2``), then ``3^3``
+    conv, BatchNorm, ReLU6, ``3^3`` conv, BatchNorm. The input of block ``i`` is the sum of block
+    ``i - 1``'s output and the map given for that stride (none after stride 4); a ``1^3``
+    convolution makes the output. Widths halve at each block from ``width`` (SparK's rule, there
+    ``width=768`` at stride 32). Initialisation as SparK's: convolutions truncated normal (std
+    0.02), transposed convolutions Kaiming normal (fan out), BatchNorm weight 1 and bias 0.
+
+    Args:
+        width: channels at stride 32 (a multiple of 32, so the last block has ``width / 32``).
+        out_channels: channels of the reconstruction.
+    """
+
+    def __init__(self, width: int, out_channels: int) -> None:
+        super().__init__()
+        blocks = len(FEATURE_STRIDES)
+        if width % 2**blocks:
+            raise ValueError(f"SparK decoder width must be a multiple of {2**blocks}, got {width}")
+        self.widths = tuple(width // 2**i for i in range(blocks + 1))
+        """Channels entering each block (strides 32, 16, 8, 4, 2), then the output block's."""
+        self.blocks = nn.ModuleList(self._block(cin, cout) for cin, cout in zip(self.widths[:-1], self.widths[1:]))
+        self.head = nn.Conv3d(self.widths[-1], out_channels, kernel_size=1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.ConvTranspose3d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm3d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def _block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.ConvTranspose3d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True),
+            nn.Conv3d(cin, cin, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm3d(cin),
+            nn.ReLU6(inplace=True),
+            nn.Conv3d(cin, cout, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm3d(cout),
+        )
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``features``: maps at strides 32, 16, 8, 4 (deepest first), ``features[i]`` with
+        ``widths[i]`` channels -> ``(B, out_channels, X, Y, Z)``."""
+        if len(features) >= len(self.blocks):
+            raise ValueError(f"SparK decoder takes at most {len(self.blocks) - 1} maps, got {len(features)}")
+        x = features[0]
+        for index, block in enumerate(self.blocks):
+            if 0 < index < len(features):
+                x = x + features[index]
+            x = block(x)
+        return self.head(x)

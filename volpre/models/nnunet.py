@@ -20,6 +20,7 @@ tensors as the network, so ``{"encoder.*", "decoder.*"}`` keys of a pretrainer a
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from volpre.data.nnunet_plan import NNUNetPlan
@@ -79,3 +80,23 @@ def pretraining_network(plan: NNUNetPlan) -> nn.Module:
 def transferable_keys(state: dict) -> dict:
     """The entries of a network state dict that nnU-Net's ``load_pretrained_weights`` transfers (no heads)."""
     return {key: value for key, value in state.items() if HEAD_KEY not in key}
+
+
+def nnunet_embed(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The first map of an nnU-Net encoder (``PlainConvEncoder`` or ``ResidualEncoder``): its stem,
+    if it has one, then its first stage. ``(B, C, *roi)`` -> ``(B, output_channels[0], *roi / strides[0])``.
+
+    It plays the role of a patch embedding (the first learned map of the input) for the DAE's local
+    masking; :func:`nnunet_stages` continues from it, and the two compose to ``encoder(x)``.
+    """
+    if getattr(encoder, "stem", None) is not None:
+        x = encoder.stem(x)
+    return encoder.stages[0](x)
+
+
+def nnunet_stages(encoder: nn.Module, embedding: torch.Tensor) -> list[torch.Tensor]:
+    """The encoder's skips, finest first, from :func:`nnunet_embed`'s map (which is the first skip)."""
+    skips = [embedding]
+    for stage in encoder.stages[1:]:
+        skips.append(stage(skips[-1]))
+    return skips

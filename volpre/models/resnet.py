@@ -4,6 +4,11 @@
 ``pretrained=False``: MONAI's default downloads MedicalNet weights), so its ``state_dict()`` keys
 are exactly those of ``FlexibleUNet(backbone="resnetNN", spatial_dims=3).encoder`` and one state
 dict serves segmentation strictly.
+
+Like :class:`~volpre.models.SwinEncoder`, the forward pass is split at the stem (the ResNet's
+"patch embedding": a 7^3 stride-2 convolution, BatchNorm and ReLU) into :meth:`~ResNet3DEncoder.embed`
+and :meth:`~ResNet3DEncoder.stages`, so an objective can disrupt the stem's output (the disruptive
+autoencoder's local masking does).
 """
 
 from __future__ import annotations
@@ -42,7 +47,24 @@ class ResNet3DEncoder(ResNetFeatures):
         self.feature_channels: tuple[int, ...] = (self.conv1.out_channels, *(conv.out_channels for conv in last_convs))
         """Channels of the five feature maps, finest (stride 2) first."""
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem: ``(B, C, X, Y, Z)`` float -> ``(B, 64, X/2, Y/2, Z/2)`` (conv 7^3 stride 2, BN, ReLU; >= 0)."""
+        check_encoder_input(x, self.in_channels)
+        return self.act(self.bn1(self.conv1(x)))
+
+    def stages(self, embedding: torch.Tensor) -> list[torch.Tensor]:
+        """Max pooling and ``layer1``-``layer4`` on a stem output ``(B, 64, X/2, Y/2, Z/2)``.
+
+        Returns five maps at strides 2..32: the stem output itself, then each stage's output (as
+        ``ResNetFeatures.forward``).
+        """
+        features = [embedding]
+        x = embedding if self.no_max_pool else self.maxpool(embedding)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            features.append(x)
+        return features
+
     def forward(self, inputs: torch.Tensor) -> list[torch.Tensor]:
         """``(B, C, X, Y, Z)`` float, X/Y/Z multiples of 32 -> five maps at strides 2..32."""
-        check_encoder_input(inputs, self.in_channels)
-        return super().forward(inputs)
+        return self.stages(self.embed(inputs))

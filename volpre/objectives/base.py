@@ -10,8 +10,9 @@ A micro-step has two halves, so that the second can be compiled without graph br
 2. ``pretrainer(batch, draws)`` (the DDP-wrapped, optionally compiled ``forward``): deterministic
    given ``batch`` and ``draws``.
 
-``batch["image"]`` is ``(B, C, X, Y, Z)`` float on the training device and ``batch.get("subject")``
-an optional ``(B,)`` integer tensor of subject ids. :func:`draw_and_forward` runs both halves
+``batch["image"]`` is ``(B, C, X, Y, Z)`` float on the training device; ``batch.get("subject")`` and
+``batch.get("modality")`` are optional ``(B,)`` integer tensors of subject ids and modality class
+ids (the data loader always provides both). :func:`draw_and_forward` runs both halves
 (tests and probes use it). Export takes ``pretrainer.encoder.state_dict()``; the decoder and any
 objective-specific parameters (mask tokens, projection heads) are dropped.
 """
@@ -31,7 +32,7 @@ class ObjectiveOutput(NamedTuple):
     loss: torch.Tensor
     """Scalar float32 with grad: the total loss to backpropagate."""
     parts: dict[str, torch.Tensor]
-    """Detached scalar terms of the loss (e.g. ``reconstruction``, ``contrastive``), still on the device."""
+    """Detached scalar terms of the loss (e.g. ``reconstruction``, ``cmcl``), still on the device."""
     images: dict[str, torch.Tensor]
     """Detached ``(B, C, X, Y, Z)`` volumes for logging: ``input``, ``corrupted``, ``reconstruction``."""
 
@@ -45,7 +46,8 @@ class Pretrainer(nn.Module, abc.ABC):
 
     Args:
         encoder: a volpre encoder (five maps at strides 2..32; ``feature_channels``).
-        decoder: maps the encoder's five maps back to ``(B, C, X, Y, Z)``.
+        decoder: maps encoder features (the five maps, or what the objective makes of them) back
+            to ``(B, C, X, Y, Z)``.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:

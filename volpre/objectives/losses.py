@@ -47,7 +47,9 @@ def reconstruction_loss(
 
 
 def normalize_patches(x: torch.Tensor, patch: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalise every ``patch^3`` block (or ``px x py x pz`` block) of every channel to zero mean and unit variance.
+    """Normalise every ``patch^3`` block (or ``px x py x pz`` block) to zero mean and unit variance, as
+    MAE and SparK normalise their targets (``(p - mean) / sqrt(var + 1e-6)`` with the unbiased
+    variance over all of the block's voxels and channels, like their ``patchify`` then ``var(dim=-1)``).
 
     Args:
         x: ``(B, C, X, Y, Z)`` float, X/Y/Z divisible by ``patch`` (per axis).
@@ -55,8 +57,8 @@ def normalize_patches(x: torch.Tensor, patch: int | Sequence[int]) -> tuple[torc
 
     Returns:
         ``(normalised, mean, std)``: ``normalised`` like ``x`` (float32); ``mean`` and ``std`` are
-        ``(B, C, X, Y, Z)`` float32 holding each voxel's block statistics (population variance plus
-        :data:`PATCH_NORM_EPS`, square-rooted), so ``x == normalised * std + mean``.
+        ``(B, C, X, Y, Z)`` float32 holding each voxel's block statistics (``std`` the square root
+        of the variance plus :data:`PATCH_NORM_EPS`), so ``x == normalised * std + mean``.
     """
     batch, channels, *spatial = x.shape
     px, py, pz = (patch,) * 3 if isinstance(patch, int) else tuple(patch)
@@ -64,8 +66,9 @@ def normalize_patches(x: torch.Tensor, patch: int | Sequence[int]) -> tuple[torc
         raise ValueError(f"spatial size {tuple(spatial)} must be divisible by the patch edge {patch}")
     gx, gy, gz = (size // edge for size, edge in zip(spatial, (px, py, pz)))
     blocks = x.float().reshape(batch, channels, gx, px, gy, py, gz, pz)
-    mean = blocks.mean(dim=(3, 5, 7), keepdim=True)
-    var = blocks.var(dim=(3, 5, 7), keepdim=True, unbiased=False)
+    per_block = (1, 3, 5, 7)  # channels and the three in-block axes
+    mean = blocks.mean(dim=per_block, keepdim=True)
+    var = blocks.var(dim=per_block, keepdim=True)
     std = (var + PATCH_NORM_EPS).sqrt()
     shape = (batch, channels, *spatial)
     return (
@@ -96,7 +99,9 @@ def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
-def multi_positive_info_nce(embeddings: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
+def multi_positive_info_nce(
+    embeddings: torch.Tensor, groups: torch.Tensor, temperature: float, *, need_negative: bool = False
+) -> torch.Tensor:
     """InfoNCE with any number of positives per anchor (SupCon's "L_out" form), over the global batch.
 
     Every local row is an anchor. Its candidates are all rows of every rank (gathered with
@@ -104,12 +109,15 @@ def multi_positive_info_nce(embeddings: torch.Tensor, groups: torch.Tensor, temp
     few crops) except itself; its positives are the candidates with the same group id. With two
     views per group this is NT-Xent (SimCLR). Anchors without a positive are left out; if no local
     anchor has one, the loss is 0 (finite, with zero gradient). Group ids must mean the same on
-    every rank (e.g. global subject indices).
+    every rank (e.g. global subject indices). With ``need_negative``, anchors whose candidates are
+    all positives are left out too (with class-like groups such as modalities, a batch of one
+    class has nothing to contrast, and its term would only equalise the similarities).
 
     Args:
         embeddings: ``(N, D)`` float, this rank's rows (normalised to unit length here).
         groups: ``(N,)`` integer group ids on the same device.
         temperature: softmax temperature, > 0.
+        need_negative: also leave out anchors without a negative.
 
     Returns:
         Scalar float32: mean over local anchors with positives of
@@ -127,5 +135,8 @@ def multi_positive_info_nce(embeddings: torch.Tensor, groups: torch.Tensor, temp
     positive = (groups.view(-1, 1) == candidate_groups.view(1, -1)) & ~self_pair
     positive_count = positive.sum(dim=1)
     anchor_loss = -(log_prob * positive).sum(dim=1) / positive_count.clamp_min(1)
-    has_positive = (positive_count > 0).to(anchor_loss.dtype)
-    return (anchor_loss * has_positive).sum() / has_positive.sum().clamp_min(1.0)
+    counted = positive_count > 0
+    if need_negative:
+        counted = counted & (positive_count < candidates.shape[0] - 1)
+    counted = counted.to(anchor_loss.dtype)
+    return (anchor_loss * counted).sum() / counted.sum().clamp_min(1.0)

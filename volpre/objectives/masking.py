@@ -4,6 +4,7 @@ A mask is a bool tensor ``(B, 1, gx, gy, gz)`` on a grid of cubic cells (``True`
 sample has exactly ``round(ratio * gx * gy * gz)`` masked cells, drawn from the caller's
 ``torch.Generator`` so that the same generator state gives the same masks. :func:`expand_mask`
 repeats each cell to any finer resolution (voxels, patch tokens, feature maps).
+:func:`random_channel_mask` masks channels instead (the disruptive autoencoder's local masking).
 """
 
 from __future__ import annotations
@@ -88,3 +89,33 @@ def expand_mask(mask: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tenso
     gx, gy, gz = grid
     tiled = mask[:, :, :, None, :, None, :, None].expand(batch, channels, gx, fx, gy, fy, gz, fz)
     return tiled.reshape(batch, channels, *shape)
+
+
+def masked_channel_count(channels: int, ratio: float) -> int:
+    """Channels masked per sample at ``ratio``: ``floor(ratio * channels)`` (the DAE code's ``int(0.6 * C)``)."""
+    return int(ratio * channels)
+
+
+def random_channel_mask(batch_size: int, channels: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Mask exactly ``floor(ratio * channels)`` random channels of each sample.
+
+    Args:
+        batch_size: ``B``.
+        channels: ``C``.
+        ratio: fraction of channels to mask, in (0, 1).
+        generator: source of randomness; the mask is created on ``generator.device``.
+
+    Returns:
+        ``(B, C)`` bool on ``generator.device``, ``True`` where masked.
+
+    Raises:
+        ValueError: if the ratio would mask no channel or every channel.
+    """
+    masked = masked_channel_count(channels, ratio)
+    if not 0 < masked < channels:
+        raise ValueError(
+            f"channel mask ratio {ratio} of {channels} channels masks {masked} of them; "
+            "need at least one masked and one kept channel"
+        )
+    scores = torch.rand(batch_size, channels, generator=generator, device=generator.device)
+    return scores.argsort(dim=1).argsort(dim=1) < masked

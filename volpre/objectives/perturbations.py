@@ -8,7 +8,10 @@ compiled step (seeded random ops are graph breaks under ``torch.compile``); the 
 are plain tensor code.
 
 Blur and down-then-up sampling are convex combinations of input voxels, so they keep values in
-the input's ``[min, max]``; noise does not.
+the input's ``[min, max]``; noise does not. The disruptive autoencoder's defaults (noise of a given
+variance, nearest-neighbour down-then-up sampling) follow its official code (Project-MONAI
+research-contributions ``DAE/Pretrain_full_contrast/main_runner.py``); blur and the
+average-then-trilinear sampling are volpre's variations.
 """
 
 from __future__ import annotations
@@ -32,15 +35,16 @@ def random_uniform(
 
 
 def draw_gaussian_noise(
-    shape: Sequence[int], std_range: tuple[float, float], generator: torch.Generator
+    shape: Sequence[int], variance_range: tuple[float, float], generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample noise strengths and the unit noise for a batch of ``shape`` ``(B, C, X, Y, Z)``.
 
     Returns:
-        ``(std, noise)``: ``std`` ``(B,)`` float32 uniform in ``std_range``; ``noise`` float32
-        standard normal of ``shape``. :func:`add_gaussian_noise` applies them.
+        ``(std, noise)``: ``std`` ``(B,)`` float32, the square root of a variance drawn uniformly
+        from ``variance_range``; ``noise`` float32 standard normal of ``shape``.
+        :func:`add_gaussian_noise` applies them.
     """
-    std = random_uniform(shape[0], std_range, generator)
+    std = random_uniform(shape[0], variance_range, generator).sqrt()
     noise = torch.randn(tuple(shape), generator=generator, device=generator.device)
     return std, noise
 
@@ -94,26 +98,43 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
     return out
 
 
-def down_up_sample(x: torch.Tensor, factor: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
-    """Average-pool by an integer factor, then upsample trilinearly back, per sample.
+DOWNSAMPLE_MODES = ("nearest", "area")
+"""How :func:`down_up_sample` resamples: ``nearest`` both ways, or average pooling then trilinear."""
+
+
+def down_up_sample(
+    x: torch.Tensor, factor: torch.Tensor, factors: Sequence[int], mode: str = "nearest"
+) -> torch.Tensor:
+    """Downsample by an integer factor, then upsample back to the input size, per sample.
+
+    ``nearest`` is what the disruptive autoencoder's official code does (``F.interpolate`` to
+    ``size / factor`` and back, both with its default nearest mode): each ``factor^3`` block takes
+    the value of its first voxel. ``area`` averages each block, then interpolates trilinearly.
 
     Args:
         x: ``(B, C, X, Y, Z)`` float, spatial sizes divisible by every entry of ``factors``.
         factor: ``(B,)`` long, each entry one of ``factors``.
         factors: the distinct factors the batch may use (each is computed for the whole batch and
             selected per sample, so the cost grows with ``len(factors)``, not with ``B``).
+        mode: one of :data:`DOWNSAMPLE_MODES`.
 
     Returns:
         ``(B, C, X, Y, Z)`` like ``x``: a low-resolution version of each sample.
     """
+    if mode not in DOWNSAMPLE_MODES:
+        raise ValueError(f"downsample mode must be one of {', '.join(DOWNSAMPLE_MODES)}, got {mode!r}")
     if any(size % f for f in factors for size in x.shape[2:]):
         raise ValueError(
             f"spatial size {tuple(x.shape[2:])} must be divisible by every downsample factor {list(factors)}"
         )
     out = x
     for f in factors:
-        low = F.avg_pool3d(x, kernel_size=f)
-        restored = F.interpolate(low, scale_factor=f, mode="trilinear", align_corners=False)
+        if mode == "nearest":
+            low = F.interpolate(x, size=tuple(size // f for size in x.shape[2:]), mode="nearest")
+            restored = F.interpolate(low, size=tuple(x.shape[2:]), mode="nearest")
+        else:
+            low = F.avg_pool3d(x, kernel_size=f)
+            restored = F.interpolate(low, scale_factor=f, mode="trilinear", align_corners=False)
         out = torch.where((factor == f).view(-1, 1, 1, 1, 1), restored, out)
     return out
 

@@ -10,14 +10,18 @@ and BatchNorm computes its batch statistics (and running statistics) over visibl
 nothing added to it) in that way. With every position visible it computes the same as the dense
 ``encoder(x)``.
 
-BatchNorm is applied by :func:`masked_batch_norm` from the module's parameters and buffers. Its
-statistics are those of this process's batch: a ``SyncBatchNorm`` is treated like a local
-``BatchNorm3d`` (statistics are not reduced across processes).
+BatchNorm is applied by :func:`masked_batch_norm` from the module's parameters and buffers. A
+``torch.nn.SyncBatchNorm`` (what ResNet BatchNorm becomes under DDP) reduces its statistics over
+its process group, as SparK's ``SparseSyncBatchNorm2d`` does: the visible counts, sums and squared
+deviations of every rank, and in the backward pass the gradient sums; a plain ``BatchNorm3d`` uses
+this process's batch alone.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -26,44 +30,134 @@ from volpre.models.contract import FEATURE_STRIDES, check_encoder_input
 from volpre.models.resnet import ResNet3DEncoder
 from volpre.objectives.masking import expand_mask
 
+_REDUCED_DIMS = (0, 2, 3, 4)
+"""Batch and spatial axes of ``(B, C, X, Y, Z)``: BatchNorm statistics are per channel."""
+
+
+def _per_channel(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1, 1)
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+def statistics_group(norm: _BatchNorm):
+    """The process group whose ranks share ``norm``'s statistics: a ``SyncBatchNorm``'s group (the
+    default group when it names none) when that has more than one rank, else ``None`` (local)."""
+    if not isinstance(norm, nn.SyncBatchNorm) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = norm.process_group if norm.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+class _MaskedBatchNormTraining(torch.autograd.Function):
+    """Training-mode BatchNorm over visible positions, with an explicit backward.
+
+    Everything of ``x``'s size is computed in ``x``'s own dtype (bf16 under autocast) and reduced
+    with float32 accumulation; the per-channel statistics are float32 (float64 for float64 input). Only ``x`` and the bool mask
+    are saved for backward, as ``torch.nn.BatchNorm3d`` saves only its input: no float32 copy of
+    the activation exists at any time. Squared deviations are taken around ``pivot``, the mean
+    rounded to ``x``'s dtype, and corrected exactly (``sum (x - m)^2 = sum (x - p)^2 - n (m - p)^2``),
+    so bf16 storage costs no cancellation.
+
+    With a process group, counts and sums, then squared deviations, then (backward) the gradient
+    sums are all-reduced over it; parameter gradients stay local (DDP averages them), exactly as
+    ``torch.nn.SyncBatchNorm``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, visible, weight, bias, eps, group):  # noqa: D102 - see the class docstring
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 input
+            v = visible.to(x.dtype)
+            local_count = visible.sum(dtype=acc).view(1)
+            local_sum = (x * v).sum(dim=_REDUCED_DIMS, dtype=acc)
+            count_and_sum = _all_reduce(torch.cat([local_count, local_sum]), group)
+            count, total = count_and_sum[0], count_and_sum[1:]
+            mean = total / count.clamp_min(1.0)
+            pivot = mean.to(x.dtype)
+            centered = (x - _per_channel(pivot)) * v
+            squared = _all_reduce(centered.square().sum(dim=_REDUCED_DIMS, dtype=acc), group)
+            del centered
+            offset = mean - pivot.to(acc)
+            squared_deviation = (squared - count * offset.square()).clamp_min(0.0)
+            var = squared_deviation / count.clamp_min(1.0)
+            invstd = torch.rsqrt(var + eps)
+            out = F.batch_norm(x, mean, var, weight, bias, training=False, momentum=0.0, eps=eps) * v
+        ctx.save_for_backward(x, visible, weight, mean, invstd, count)
+        ctx.group = group
+        unbiased = squared_deviation / (count - 1.0).clamp_min(1.0)
+        ctx.mark_non_differentiable(mean, unbiased)
+        return out, mean, unbiased
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_unbiased):  # noqa: D102 - see the class docstring
+        x, visible, weight, mean, invstd, count = ctx.saved_tensors
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            acc = mean.dtype
+            grad_out = grad_out.to(x.dtype)
+            v = visible.to(x.dtype)
+            pivot = mean.to(x.dtype)
+            g = grad_out * v
+            sum_dy = g.sum(dim=_REDUCED_DIMS, dtype=acc)
+            sum_dy_centered = (g * (x - _per_channel(pivot))).sum(dim=_REDUCED_DIMS, dtype=acc)
+            del g
+            offset = mean - pivot.to(acc)
+            sum_dy_xmu = sum_dy_centered - offset * sum_dy  # sum over visible of dy * (x - mean)
+            grad_weight = grad_bias = None
+            if weight is not None:
+                grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if ctx.needs_input_grad[2] else None
+                grad_bias = sum_dy.to(weight.dtype) if ctx.needs_input_grad[3] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                sums = _all_reduce(torch.cat([sum_dy, sum_dy_xmu]), ctx.group)
+                n = count.clamp_min(1.0)
+                mean_dy, mean_dy_xmu = sums[: mean.numel()] / n, sums[mean.numel():] / n
+                scale = invstd if weight is None else weight.to(acc) * invstd
+                slope = -scale * invstd.square() * mean_dy_xmu
+                intercept = -scale * mean_dy - slope * offset
+                grad_x = (
+                    grad_out * _per_channel(scale.to(x.dtype))
+                    + (x - _per_channel(pivot)) * _per_channel(slope.to(x.dtype))
+                    + _per_channel(intercept.to(x.dtype))
+                ) * v
+        return grad_x, None, grad_weight, grad_bias, None, None
+
 
 def masked_batch_norm(x: torch.Tensor, visible: torch.Tensor, norm: _BatchNorm) -> torch.Tensor:
     """BatchNorm over visible positions only; masked positions come out exactly zero.
 
     In training mode (or without running statistics) the per-channel mean and biased variance are
-    taken over visible positions of the whole batch, and the module's running statistics are
-    updated from them as ``torch.nn.BatchNorm3d`` would (unbiased variance, ``momentum`` or a
-    cumulative average when it is ``None``); in eval mode the running statistics are used.
+    taken over visible positions of the whole batch (of every rank of a ``SyncBatchNorm``'s process
+    group, see :func:`statistics_group`), and the module's running statistics are updated from them
+    as ``torch.nn.BatchNorm3d`` would (unbiased variance, ``momentum`` or a cumulative average when
+    it is ``None``); in eval mode the running statistics are used.
 
     Args:
-        x: ``(B, C, X, Y, Z)`` float.
+        x: ``(B, C, X, Y, Z)`` float (float32, or bf16/fp16 under autocast: no float32 copy of it
+            is made, statistics are accumulated in float32).
         visible: ``(B, 1, X, Y, Z)`` bool, ``True`` where a position is visible.
         norm: the BatchNorm module whose affine parameters and buffers to use.
 
     Returns:
-        ``(B, C, X, Y, Z)`` like ``x`` (statistics computed in float32).
+        ``(B, C, X, Y, Z)`` in ``x``'s dtype.
     """
-    visible_weight = visible.to(torch.float32)
-    values = x.float()
-    if norm.training or not norm.track_running_stats:
-        count = visible_weight.sum()
-        mean = (values * visible_weight).sum(dim=(0, 2, 3, 4)) / count.clamp_min(1.0)
-        squared_deviation = (values - mean.view(1, -1, 1, 1, 1)).square() * visible_weight
-        var = squared_deviation.sum(dim=(0, 2, 3, 4)) / count.clamp_min(1.0)
-        if norm.training and norm.track_running_stats:
-            with torch.no_grad():
-                norm.num_batches_tracked.add_(1)
-                factor = norm.momentum if norm.momentum is not None else 1.0 / norm.num_batches_tracked.float()
-                unbiased = var * count / (count - 1.0).clamp_min(1.0)
-                norm.running_mean.lerp_(mean.detach(), factor)
-                norm.running_var.lerp_(unbiased.detach(), factor)
-    else:
-        mean, var = norm.running_mean, norm.running_var
-    shape = (1, -1, 1, 1, 1)  # per-channel vectors broadcast over (B, C, X, Y, Z)
-    out = (values - mean.view(shape)) * torch.rsqrt(var.view(shape) + norm.eps)
-    if norm.affine:
-        out = out * norm.weight.view(shape) + norm.bias.view(shape)
-    return (out * visible_weight).to(x.dtype)
+    weight, bias = (norm.weight, norm.bias) if norm.affine else (None, None)
+    if not norm.training and norm.track_running_stats:
+        return F.batch_norm(x, norm.running_mean, norm.running_var, weight, bias, False, 0.0, norm.eps) * visible.to(
+            x.dtype
+        )
+    out, mean, unbiased = _MaskedBatchNormTraining.apply(x, visible, weight, bias, norm.eps, statistics_group(norm))
+    if norm.training and norm.track_running_stats:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            factor = norm.momentum if norm.momentum is not None else 1.0 / norm.num_batches_tracked.float()
+            norm.running_mean.lerp_(mean, factor)
+            norm.running_var.lerp_(unbiased, factor)
+    return out
 
 
 class _SparseRunner:
