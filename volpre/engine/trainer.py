@@ -335,6 +335,10 @@ class Pretraining:
         samples_per_step = self.items_per_step * cfg.data.crops_per_volume * ctx.world_size
 
         engine = Engine(lambda _engine, group: self._train_step(group))
+        # Ignite logs every exception leaving the run twice at ERROR; it leaves engine.run and the command
+        # reports it once (one line for a user's error, a traceback for a bug)
+        engine.logger = logging.getLogger(f"{__name__}.ignite")
+        engine.logger.setLevel(logging.CRITICAL)
         engine.load_state_dict({"iteration": self.step, "epoch_length": max_steps, "max_epochs": 1})
         stop = StopRequest(ctx.world_size, ctx.device)
 
