@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -109,8 +108,7 @@ def _can_mount_tmpfs(where: Path) -> bool:
     if shutil.which("unshare") is None:
         return False
     where.mkdir()
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"],
-                           capture_output=True, timeout=60)
+    probe = run_command(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"], timeout=60)
     return probe.returncode == 0
 
 

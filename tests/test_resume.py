@@ -7,6 +7,7 @@ import json
 import os
 import re
 import socket
+import struct
 import sys
 import textwrap
 import zipfile
@@ -102,11 +103,10 @@ def _flip_inside_a_tensor(path: Path) -> None:
     """Flip 48 bytes in the middle of the largest tensor record of a torch zip file (in place)."""
     with zipfile.ZipFile(path) as archive:
         info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-        header = archive.fp
-        header.seek(info.header_offset + 26)
-        name_len, extra_len = int.from_bytes(header.read(2), "little"), int.from_bytes(header.read(2), "little")
-        start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
     with open(path, "r+b") as f:  # in place: every hard link of the file sees it
+        f.seek(info.header_offset + 26)  # the local header's name and extra-field lengths
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
         f.seek(start)
         block = f.read(48)
         f.seek(start)
