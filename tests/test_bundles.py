@@ -24,6 +24,7 @@ from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.scripts import create_workflow
 
 from volpre.config import load_config
+from volpre.engine.checkpoint import with_checksum
 from volpre.export import export_bundle
 from volpre.export.schema import copy_meta_schema
 from volpre.export.weights import WeightsError
@@ -91,8 +92,8 @@ def checkpoints(tmp_path_factory, manifest) -> dict[str, Path]:
     cfg = load_config("swin-dae-tiny", TINY)
     torch.manual_seed(1)  # not the bundles' seed 0, so scratch initialisation differs from these weights
     swin = root / "swin.pt"
-    torch.save({"model": build_pretrainer(cfg).state_dict(), "config": cfg.to_dict(), "versions": installed_versions(),
-                "step": 0, "manifest": None, "ema": None}, swin)
+    torch.save(with_checksum({"model": build_pretrainer(cfg).state_dict(), "config": cfg.to_dict(),
+                              "versions": installed_versions(), "step": 0, "manifest": None, "ema": None}), swin)
     return {"resnet": result.checkpoint, "swin": swin}
 
 

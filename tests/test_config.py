@@ -80,3 +80,46 @@ def test_config_hash_tracks_values():
     assert config_hash(a.preprocess) == config_hash(b.preprocess)
     b.preprocess.spacing = (2.0, 2.0, 2.0)
     assert config_hash(a.preprocess) != config_hash(b.preprocess)
+
+
+def test_numbers_written_as_text_are_read_for_numeric_fields(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants a dot in a float
+    cfg = load_config("resnet-dae-tiny", ["train.lr=1e-4", "train.min_lr=1E-6", "preprocess.spacing=[4e0, 4, 3.5]",
+                                          "train.total_steps=1000"])
+    assert cfg.train.lr == 1e-4 and cfg.train.min_lr == 1e-6 and cfg.preprocess.spacing == (4.0, 4.0, 3.5)
+    path = tmp_path / "run.yaml"
+    path.write_text("base: resnet-dae-tiny\ntrain:\n  lr: 3e-4\n  weight_decay: '5e-2'\n  seed: '7'\n")
+    cfg = load_config(str(path))
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.seed) == (3e-4, 0.05, 7)
+    for override, message in [
+        ("train.seed=1e3", r"train\.seed: got '1e3', expected int"),  # ints take integer literals only
+        ("train.lr=fast", r"train\.lr: got 'fast', expected float"),
+        ("train.compile=1", r"train\.compile: got 1, expected bool"),
+        ("model.resnet.depth='18'", r"model\.resnet\.depth: got '18', expected one of 10, 18, 34, 50"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("resnet-dae-tiny", [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=.inf", r"train\.lr: got inf, expected a finite float"),
+    ("train.lr=inf", r"train\.lr: got inf, expected a finite float"),
+    ("train.lr=1e999", r"train\.lr: got inf, expected a finite float"),
+    ("train.weight_decay=.nan", r"train\.weight_decay: got nan, expected a finite float"),
+    ("train.clip_grad_norm=.inf", r"train\.clip_grad_norm: got inf, expected a finite float"),
+    ("objective.dae.temperature=-.inf", r"objective\.dae\.temperature: got -inf, expected a finite float"),
+    ("preprocess.spacing=[4, .nan, 4]", r"preprocess\.spacing\[1\]: got nan, expected a finite float"),
+    ("preprocess.ct_window=[-.inf, 1000]", r"preprocess\.ct_window\[0\]: got -inf, expected a finite float"),
+])
+def test_floats_must_be_finite(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("resnet-dae-tiny", [override])
+
+
+def test_non_finite_override_is_refused_by_the_cli(tmp_path, capsys):
+    from volpre.cli import main
+
+    assert main(["pretrain", "--config", "resnet-dae-tiny", "--manifest", str(tmp_path / "m.json"), "--output",
+                 str(tmp_path / "run"), "train.lr=.inf"]) == 2
+    assert capsys.readouterr().err == "volpre pretrain: error: train.lr: got inf, expected a finite float\n"
+    assert not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ from ignite.engine import Engine
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from volpre.config import load_config, shipped_configs
-from volpre.engine.checkpoint import CheckpointError
+from volpre.engine.checkpoint import CheckpointError, with_checksum
 from volpre.export import export_bundle, read_pretrained_encoder
 from volpre.export import builder, datalist, finetune, keymap, networks
 from volpre.export.schema import SCHEMA_FILE, SCHEMA_SHA256, copy_meta_schema
@@ -61,7 +61,7 @@ def make_checkpoint(path: Path, config: str, overrides=(), monai_version: str | 
                 p.add_(1.0)  # distinguishable from the trained weights
         state["ema"] = averaged.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
+    torch.save(with_checksum(state), path)
     return path
 
 
@@ -261,7 +261,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path):
     path = make_checkpoint(tmp_path / "mixed.pt", *RESNET_TINY)
     state = torch.load(path, weights_only=True)
     state["config"]["model"]["resnet"]["depth"] = 18  # the weights are resnet10's
-    torch.save(state, path)
+    torch.save(with_checksum(state), path)
     with pytest.raises(WeightsError, match=r"checkpoint .*mixed.pt \(model weights, keys encoder.\*\) does not fit the "
                                            r"resnet encoder its config describes \(resnet18, in_channels=1\):\n"
                                            r"  missing from the file \(48\): layer1.1.bn1.bias, .*\n"
@@ -269,7 +269,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path):
                                            r"  shape mismatches \(0\)$"):
         read_pretrained_encoder(path)
     state["config"]["model"]["resnet"]["depth"] = 11
-    torch.save(state, path)
+    torch.save(with_checksum(state), path)
     with pytest.raises(CheckpointError, match=r"mixed.pt: its run config is not valid: model.resnet.depth: got 11"):
         read_pretrained_encoder(path)
 
@@ -467,3 +467,43 @@ def test_export_with_default_options_succeeds_for_every_shipped_config(config, t
         assert train["roi_size"] == pretraining
     if config.endswith("-tiny"):
         export_bundle(checkpoint, "survival", tmp_path / "surv")
+KILLED_HALF_WAY = """
+import os, signal, sys
+from volpre.export import builder
+def killed(*args, **kwargs):  # the encoder and configs are written; metadata and docs are not
+    os.kill(os.getpid(), signal.SIGKILL)
+builder.fill_metadata = killed
+builder.export_bundle(sys.argv[1], "segmentation", sys.argv[2], out_channels=2)
+"""
+
+
+def test_export_killed_or_failing_half_way_leaves_no_bundle(tmp_path, resnet_checkpoint, monkeypatch):
+    import os
+    import sys
+    import textwrap
+
+    from child_processes import run_command
+
+    repo = Path(__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "bundle"
+    proc = run_command([sys.executable, "-c", textwrap.dedent(KILLED_HALF_WAY), str(resnet_checkpoint), str(out)],
+                       timeout=600, env=env)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert not out.exists()
+    (left,) = tmp_path.glob(".bundle.tmp*")  # the dead exporter's half bundle, beside OUT
+    assert (left / "models/pretrained_encoder.pt").is_file() and not (left / "configs/metadata.json").exists()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("disk went away")
+
+    with monkeypatch.context() as patch:  # the next export removes it, and its own half bundle when it fails
+        patch.setattr(builder, "fill_metadata", failing)
+        with pytest.raises(RuntimeError, match="disk went away"):
+            export_bundle(resnet_checkpoint, "segmentation", out, out_channels=2)
+    assert not out.exists() and not list(tmp_path.glob(".bundle.tmp*"))
+
+    assert export_bundle(resnet_checkpoint, "segmentation", out, out_channels=2) == out  # the rerun works
+    assert (out / "configs/metadata.json").is_file() and not list(tmp_path.glob(".bundle.tmp*"))
+    train = json.loads((out / "configs/train.json").read_text())
+    assert train["bundle_root"] == str(out.resolve())  # names OUT, not the folder it was built in

@@ -35,7 +35,8 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1",
 
 
 def _losses(output: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "event" not in r]
 
 
 def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:

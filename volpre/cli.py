@@ -109,8 +109,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     init = None if args.init is None else (args.init, args.init_format)
     if init is None and args.init_format != "auto":
         raise UserError("--init-format names the layout of an --init file; give --init PATH")
+    if args.new_data and not args.resume:
+        raise UserError("--new-data continues a run on changed data: it needs --resume")
     result = pretrain(cfg, Path(args.manifest), Path(args.output), max_steps=args.max_steps,
-                      resume=args.resume, device=args.device, splits=splits, init=init)
+                      resume=args.resume, device=args.device, splits=splits, init=init, new_data=args.new_data)
     if result.checkpoint is not None:
         print(f"step {result.final_step}: checkpoint {result.checkpoint}")
     if result.bad_entries:
@@ -324,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "crop, MR z-score) once per volume of a manifest and store it where pretraining reads its "
                        "random crops from (data.cache_dir; default: .volpre_cache beside the manifest). Existing "
                        "entries are verified in full; missing, stale (source, config or version changed) and "
-                       "corrupt ones are rebuilt. `volpre pretrain` does the same on first use of each volume.")
+                       "corrupt ones are rebuilt. `volpre pretrain` does the same on first use of each volume. "
+                       "Exit status 1 if a source is bad data; a cache that cannot be written (full disk, quota, "
+                       "read-only filesystem) stops at once with one line, exit status 2.")
     p.add_argument("manifest", type=Path)
     p.add_argument("--config", required=True, help="shipped config name or a YAML path (its preprocess and data "
                    "sections apply)")
@@ -335,16 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain an encoder (one process, or many under torchrun)",
                        description="Pretrain an encoder on a manifest's volumes. Writes OUTPUT/metrics.jsonl, "
-                       "OUTPUT/checkpoints/ (last.pt, best.pt, step_*.pt) and TensorBoard events under "
-                       "OUTPUT/tensorboard. The same command runs under torchrun for DDP.")
+                       "OUTPUT/checkpoints/ (last.pt, best.pt, step_*.pt, each with a checksum verified on "
+                       "load) and TensorBoard events under OUTPUT/tensorboard. A NaN/Inf loss stops the run "
+                       "(exit 2) without writing a checkpoint, so the last one is finite; a full disk stops it "
+                       "with one line. The same command runs under torchrun for DDP.")
     p.add_argument("--config", help="shipped config name (e.g. swin-dae, resnet-mvm-tiny) or a YAML path")
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--max-steps", type=int, help="stop after this optimiser step (default: train.total_steps); "
                    "the schedule always spans train.total_steps, so a stopped run resumes exactly")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT from checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUTPUT exactly, from checkpoints/last.pt "
+                   "(or, if that is unreadable or damaged, the newest readable step_*.pt); refused if the manifest's "
+                   "selected entries or the splits differ from the run's")
+    p.add_argument("--new-data", action="store_true", help="with --resume: continue even though the data differ "
+                   "(entries added, removed or changed, other splits); no longer an exact resume, recorded in "
+                   "metrics.jsonl and the checkpoints")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--splits", help="comma-separated manifest splits to pretrain on (default: every entry)")
+    p.add_argument("--splits", help="comma-separated manifest splits to pretrain on (default: every entry; with "
+                   "--resume: the run's own)")
     p.add_argument("--init", type=Path, metavar="PATH", help="start the encoder from these weights (loaded strictly): "
                    "a volpre checkpoint, a volpre bundle (folder or models/pretrained_encoder.pt), MedicalNet "
                    "resnet_N_23dataset.pth (MONAI research-contributions' model_swinvit.pt is recognised and refused: "
@@ -358,10 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "pretraining checkpoint",
                        description="Build a MONAI bundle that fine-tunes the checkpoint's encoder: SwinUNETR (Swin "
                        "encoders) or FlexibleUNet (ResNet encoders) for segmentation, SurvivalNet for survival. The "
-                       "encoder weights are mapped to MONAI key names and loaded strictly; the bundle runs with "
-                       "`python -m monai.bundle run` (see DIR/docs/README.md). With --task nnunet (checkpoints of "
-                       "the nnunet encoder): write FILE.pth for `nnUNetv2_train ... -pretrained_weights FILE.pth` "
-                       "and FILE.md with the exact command.")
+                       "encoder weights are mapped to MONAI key names and loaded strictly (weights holding NaN or "
+                       "Inf are refused); the bundle runs with `python -m monai.bundle run` (see DIR/docs/README.md). "
+                       "It is built beside DIR and renamed onto it when complete: an interrupted export leaves no "
+                       "DIR. With --task nnunet (checkpoints of the nnunet encoder): write FILE.pth for "
+                       "`nnUNetv2_train ... -pretrained_weights FILE.pth` and FILE.md with the exact command.")
     p.add_argument("checkpoint", type=Path, help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
     p.add_argument("--task", required=True, choices=["segmentation", "survival", "nnunet"])
     p.add_argument("--out", required=True, type=Path, help="bundle folder to create (must not exist or be empty); "
@@ -486,6 +499,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
         types.append(sys.modules["volpre.bench.data"].BenchError)
     if "volpre.engine.checkpoint" in sys.modules:  # imported by the commands that can raise it
         types.append(sys.modules["volpre.engine.checkpoint"].CheckpointError)
+    if "volpre.engine.trainer" in sys.modules:
+        types.append(sys.modules["volpre.engine.trainer"].DivergenceError)
     if "volpre.export.weights" in sys.modules:
         types.append(sys.modules["volpre.export.weights"].WeightsError)
     if "volpre.models.init_weights" in sys.modules:

@@ -13,7 +13,8 @@ A run config has five sections, each a dataclass below:
 Shipped configs live in ``volpre/configs/NAME.yaml``; a YAML file may name ``base: OTHER`` to
 start from another config and change only some keys (the ``*-tiny`` CPU profiles do this).
 Every key is checked: an unknown key or a bad value raises :class:`ConfigError` naming the
-key and what is allowed.
+key and what is allowed. Every float must be finite; numeric fields also take numbers written
+as text (``1e-4``, which YAML 1.1 leaves a string).
 """
 
 from __future__ import annotations
@@ -440,8 +441,22 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _parse_number(text: str, kind: type) -> Any:
+    """``text`` as a number of ``kind`` (``int`` or ``float``) if it spells one, else ``text`` unchanged."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return ``value`` as type ``tp``, or raise ConfigError naming ``key`` and what is allowed."""
+    """Return ``value`` as type ``tp``, or raise ConfigError naming ``key`` and what is allowed.
+
+    Numeric fields also take a string that spells a number of their type (YAML 1.1, which
+    PyYAML follows, reads ``1e-4`` as text: it wants a dot in a float), so ``train.lr=1e-4``
+    works on the command line and in YAML files. Float fields must be finite: ``.inf``, ``.nan``
+    and the strings ``inf`` or ``nan`` are refused.
+    """
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}: got {value!r}, expected {_describe(tp)}")
     if origin is Literal:
@@ -474,11 +489,17 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise bad
     if tp is int:
+        if isinstance(value, str):  # a number YAML left as text; only integer literals (``1000``, ``-3``)
+            value = _parse_number(value, int)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise bad
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads ``1e-4`` (no dot) as text
+            value = _parse_number(value, float)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: got {value!r}, expected a finite float")
             return float(value)
         raise bad
     if tp is str:

@@ -51,6 +51,12 @@ because NFS locks are unreliable, and no lock is needed since nothing is ever wr
 A builder killed mid-write leaves only its temporary file, which ``volpre cache`` deletes once
 it is an hour old.
 
+**Write failures.** An entry is built as an HDF5 image in memory and written to disk with plain
+file writes, so a full disk (or a quota, or a read-only filesystem) fails a ``write`` of ours,
+never HDF5's own flush: a file HDF5 cannot close stays open inside the library and crashes the
+process at exit. Such a failure raises :class:`CacheError`, which stops ``volpre cache`` and
+``volpre pretrain`` with one line: writing the cache is not a property of the source volume.
+
 **Memory.** Nothing is held per volume: each crop read opens the file, reads the chunks under
 the crop (through the page cache, shared by every worker and rank of a node) and closes it. A
 process remembers only which entry files it has validated (a few numbers per entry).
@@ -60,6 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -79,8 +86,8 @@ from monai.utils import convert_to_tensor
 
 from volpre import __version__
 from volpre.config import ConfigError, DataConfig, PreprocessConfig, config_hash
-from volpre.data.dataset import entry_record, find_volume_error
-from volpre.data.errors import EntryProblem, VolumeError
+from volpre.data.dataset import StopRun, as_bad_data, entry_record
+from volpre.data.errors import CacheError, EntryProblem, VolumeError
 from volpre.data.manifest import ManifestEntry
 from volpre.data.nnunet_plan import NNUNetPlan
 from volpre.data.readers import source_files
@@ -91,6 +98,7 @@ from volpre.data.transforms import (
     preprocess_transforms,
     window_transform,
 )
+from volpre.files import describe_write_error
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +116,6 @@ STALE_TEMP_AGE_S = 3600.0
 _TEMP_SUFFIX = ".tmp"
 _INT16 = np.iinfo(np.int16)
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-class CacheError(OSError):
-    """The cache folder cannot be created or written."""
 
 
 def cache_dir_for(data: DataConfig, manifest_path: Path) -> Path:
@@ -175,20 +179,34 @@ def to_storage(image: np.ndarray, modality: str | None, where: str) -> np.ndarra
 
 
 def write_entry(path: Path, image: np.ndarray, record: dict) -> None:
-    """Write one entry file atomically: a private temporary file, fsync, rename onto ``path``."""
+    """Write one entry file atomically: a private temporary file, fsync, rename onto ``path``.
+
+    The HDF5 file is built in memory and written with plain writes (see "Write failures" above).
+
+    Raises:
+        CacheError: the file cannot be written (full disk, quota, read-only filesystem, ...).
+    """
     token = f"{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}"
     temp = path.with_name(f"{path.name}.{token}{_TEMP_SUFFIX}")
     chunks = (1, *(min(CHUNK_EDGE, s) for s in image.shape[1:]))
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", libver=("v110", "latest"), locking=False) as f:
+        f.create_dataset("image", data=image, chunks=chunks, compression="lzf", shuffle=True, fletcher32=True)
+        f.attrs[RECORD_ATTR] = json.dumps(record)
     try:
-        with h5py.File(temp, "w", libver=("v110", "latest"), locking=False) as f:
-            f.create_dataset("image", data=image, chunks=chunks, compression="lzf", shuffle=True, fletcher32=True)
-            f.attrs[RECORD_ATTR] = json.dumps(record)
-        _fsync(temp)
+        with open(temp, "wb") as out:
+            out.write(buffer.getbuffer())
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(temp, path)
+        _fsync(path.parent)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise CacheError(f"cannot write cache entry {path}: {describe_write_error(exc)}; data.cache_dir sets "
+                         "where the cache goes") from exc
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)
 
 
 def _fsync(path: Path) -> None:
@@ -375,7 +393,10 @@ class VolumeCache:
             "affine": affine,
             "built_by": {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()},
         }
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the cache folder {self.directory}: {describe_write_error(exc)}") from exc
         write_entry(path, stored, record)
         self._validated.pop(str(path), None)
         return StoredVolume(image=stored, path=path, built=True)
@@ -549,15 +570,19 @@ class _EnsureEach(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> EntryStatus | EntryProblem:
+    def __getitem__(self, index: int) -> EntryStatus | EntryProblem | StopRun:
+        """The entry's status, its problem if its source is bad data, or (a write failure of the
+        cache) a :class:`StopRun`; anything else is raised (a bug, a memory error)."""
         entry = self.entries[index]
         try:
             return self.cache.ensure(entry)
-        except Exception as error:  # noqa: BLE001 - one bad source is reported, not fatal
-            volume_error = find_volume_error(error)
-            if volume_error is not None:
-                return EntryProblem.from_error(entry.id, volume_error)
-            return EntryProblem(entry.id, str(entry.image[0]), "error", f"{type(error).__name__}: {error}")
+        except CacheError as error:
+            return StopRun(error)  # out of a worker as itself; build_cache raises it
+        except Exception as error:  # noqa: BLE001 - narrowed at once: bad data is reported, the rest raised
+            bad = as_bad_data(error, str(entry.image[0]))
+            if bad is None:
+                raise
+            return EntryProblem.from_error(entry.id, bad)
 
 
 def _as_is(item):
@@ -569,7 +594,9 @@ def build_cache(entries: Sequence[ManifestEntry], cache: VolumeCache, workers: i
     """Make every distinct source of ``entries`` a valid cache entry, ``workers`` processes at a time.
 
     Existing entries are read in full (every chunk checksum verified); missing, stale or corrupt
-    ones are built. Temporary files left by killed builders are removed first.
+    ones are built. Temporary files left by killed builders are removed first. A source that is
+    bad data becomes a failure in the report; a cache that cannot be written raises
+    :class:`CacheError` at once (the entries built so far stay valid).
     """
     removed = cache.remove_stale_temporaries()
     sources = list(entries_to_cache(entries))
@@ -578,6 +605,8 @@ def build_cache(entries: Sequence[ManifestEntry], cache: VolumeCache, workers: i
     statuses: list[EntryStatus] = []
     failures: list[EntryProblem] = []
     for result in loader:
+        if isinstance(result, StopRun):
+            raise result.error
         (statuses if isinstance(result, EntryStatus) else failures).append(result)
         if on_result is not None:
             on_result(result)

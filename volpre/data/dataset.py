@@ -9,14 +9,20 @@
 - :class:`PretrainDataset` turns an item into ``crops_per_volume`` random crops. Its randomness
   is a pure function of ``(seed, epoch, item)``, never of worker state, so a run resumed at any
   step sees exactly the crops the uninterrupted run saw. A volume that fails its checks is
-  recorded and replaced by the next item (``on_bad_entry: skip``) or stops the run (``fail``).
+  recorded (once, in ``bad_entries.jsonl``, however many workers and ranks meet it) and replaced
+  by the next item (``on_bad_entry: skip``) or stops the run (``fail``). Only bad data is
+  skipped (see :func:`as_bad_data`): a full cache disk, a memory error or a bug in volpre stops
+  the run whatever ``on_bad_entry`` says.
 - :class:`InfiniteShardSampler` yields ``(epoch, item)`` forever: a fresh permutation per epoch,
   one disjoint shard per rank, resumable from any position.
-- :func:`crop_loader` is the ``DataLoader`` the trainer (and the benchmarks) feed from.
+- :func:`crop_loader` is the ``DataLoader`` the trainer (and the benchmarks) feed from; an error
+  that stops the run leaves its workers as itself (:class:`StopRun`), not as torch's re-raise.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -31,7 +37,7 @@ from monai.data import list_data_collate
 from monai.transforms import Compose
 
 from volpre.config import DataConfig, PreprocessConfig
-from volpre.data.errors import VolumeError
+from volpre.data.errors import CacheError, VolumeError
 from volpre.data.manifest import ManifestEntry
 from volpre.data.transforms import check_modality, crops_at, draw_crop_starts, preprocess_transforms
 
@@ -113,43 +119,93 @@ def item_seed(seed: int, epoch: int, item: int) -> int:
 
 
 class BadEntryLog:
-    """Appends one JSON line per bad entry to a file shared by all workers and ranks.
+    """One JSON line per bad entry in a file shared by all workers and ranks (and resumed runs).
 
-    Each record is written with a single ``write`` on a file opened with ``O_APPEND``, so lines
-    from concurrent processes never interleave.
+    An entry is recorded once: the writer holds an exclusive ``flock`` on the file while it checks
+    that the entry's id is not there yet and appends its line (one ``write`` with ``O_APPEND``).
+    :meth:`read` also drops repeats, for filesystems whose locks do not reach across nodes.
     """
 
     def __init__(self, path: Path | None):
         self.path = path
 
-    def record(self, entry: ManifestEntry, error: BaseException) -> None:
-        volume_error = find_volume_error(error)
-        kind = volume_error.kind if volume_error is not None else "error"
-        reason = str(volume_error) if volume_error is not None else f"{type(error).__name__}: {error}"
-        log.warning("skipping entry %s (%s): %s", entry.id, entry.image[0], reason)
+    def record(self, entry: ManifestEntry, error: VolumeError) -> None:
+        """Record ``entry`` as bad because of ``error`` (and warn), unless it is recorded already."""
+        reason = str(error)
         if self.path is None:
+            log.warning("skipping entry %s (%s): %s", entry.id, entry.image[0], reason)
             return
-        line = json.dumps({"id": entry.id, "image": str(entry.image[0]), "kind": kind, "reason": reason}) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        line = json.dumps({"id": entry.id, "image": str(entry.image[0]), "kind": error.kind, "reason": reason}) + "\n"
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close
+            if entry.id in {r["id"] for r in self._records()}:
+                return
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+        log.warning("skipping entry %s (%s): %s", entry.id, entry.image[0], reason)
 
-    def read(self) -> list[dict]:
-        if self.path is None or not self.path.exists():
-            return []
+    def _records(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def read(self) -> list[dict]:
+        """The recorded entries, each once, in the order first recorded."""
+        if self.path is None or not self.path.exists():
+            return []
+        unique: dict[str, dict] = {}
+        for record in self._records():
+            unique.setdefault(record["id"], record)
+        return list(unique.values())
 
-def find_volume_error(error: BaseException) -> VolumeError | None:
-    """The VolumeError in an exception chain (MONAI wraps transform errors in RuntimeError)."""
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and its causes (MONAI wraps transform errors in RuntimeError)."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, VolumeError):
-            return seen
+        yield seen
         seen = seen.__cause__ or seen.__context__
+
+
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+"""OSErrors of the machine, not of a file: full disk, quota, read-only filesystem, no memory or file handles."""
+
+
+def as_bad_data(error: BaseException, where: str) -> VolumeError | None:
+    """The reason ``error`` makes an entry bad data, as a VolumeError; None when the data are not to blame.
+
+    Bad data: a :class:`VolumeError` anywhere in the exception chain (volpre's checks; the readers
+    turn their decoders' own errors into one), or an ``OSError`` raised reading the source (no
+    permission, an I/O error, a file that vanished), reported as ``unreadable`` at ``where`` (the
+    entry's file) unless it names its own file. Not bad data, whatever else the chain holds: a
+    :class:`CacheError` (writing the cache failed), a ``MemoryError``, an ``OSError`` of the
+    machine (:data:`ENVIRONMENT_ERRNOS`); nor anything else (a ``TypeError`` in volpre is a bug):
+    those must stop the run.
+    """
+    chain = list(_chain(error))
+    for e in chain:
+        if isinstance(e, (CacheError, MemoryError)) or (isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS):
+            return None
+    volume_error = next((e for e in chain if isinstance(e, VolumeError)), None)
+    if volume_error is not None:
+        return volume_error
+    os_error = next((e for e in chain if isinstance(e, OSError)), None)
+    if os_error is not None:
+        return VolumeError(os_error.filename or where, "unreadable",
+                           f"cannot be read: {os_error.strerror or os_error}")
     return None
+
+
+@dataclass(frozen=True)
+class StopRun:
+    """An error that stops the run, raised in a DataLoader worker, carried out of it as a value.
+
+    torch re-raises a worker's exception as ``type(error)(its traceback as text)``, which turns a
+    one-line error meant for the user (a full cache disk) into a traceback; :func:`crop_loader`
+    raises ``error`` itself in the main process instead.
+    """
+
+    error: BaseException
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -182,13 +238,18 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, key: tuple[int, int]) -> list[dict]:
+    def __getitem__(self, key: tuple[int, int]) -> list[dict] | StopRun:
         epoch, item = key
-        for attempt in range(len(self.groups)):
-            index = (item + attempt) % len(self.groups)
-            crops = self._try_item(epoch, index)
-            if crops is not None:
-                return crops
+        try:
+            for attempt in range(len(self.groups)):
+                index = (item + attempt) % len(self.groups)
+                crops = self._try_item(epoch, index)
+                if crops is not None:
+                    return crops
+        except (CacheError, VolumeError) as error:  # a cache that cannot be written; bad data with on_bad_entry: fail
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return StopRun(error)  # raised as itself by crop_loader's iterator in the main process
         raise RuntimeError(f"every one of the {len(self.groups)} dataset items failed its checks; see the log above")
 
     def _try_item(self, epoch: int, index: int) -> list[dict] | None:
@@ -207,14 +268,14 @@ class PretrainDataset(torch.utils.data.Dataset):
                 entry_rng = np.random.default_rng(int(rng.integers(2**31)))
                 crops.extend(_checked_finite(entry, self.crops(entry, count, entry_rng)))
                 modalities.extend([self.groups.modality_id(entry)] * count)
-            except Exception as error:  # noqa: BLE001 - every failure of one entry is recorded, not fatal
-                if self.data.on_bad_entry == "fail":
-                    volume_error = find_volume_error(error)
-                    if volume_error is not None:
-                        raise volume_error from error
+            except Exception as error:  # noqa: BLE001 - narrowed at once: bad data is recorded, the rest raised
+                bad = as_bad_data(error, str(entry.image[0]))
+                if bad is None:
                     raise
+                if self.data.on_bad_entry == "fail":
+                    raise bad from error
                 self._known_bad.add(entry.id)
-                self.bad_entries.record(entry, error)
+                self.bad_entries.record(entry, bad)
                 return None
         subject = torch.tensor(self.groups.subject_index[index], dtype=torch.int64)
         return [{"image": c, "subject": subject, "modality": torch.tensor(m, dtype=torch.int64)}
@@ -255,8 +316,23 @@ class InfiniteShardSampler(torch.utils.data.Sampler):
             epoch, offset = epoch + 1, 0
 
 
+def _collate_crops(items: list[list[dict] | StopRun]) -> dict | StopRun:
+    stop = next((item for item in items if isinstance(item, StopRun)), None)
+    return stop if stop is not None else list_data_collate(items)
+
+
+class CropLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` whose iterator raises a worker's :class:`StopRun` error as itself."""
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in super().__iter__():
+            if isinstance(batch, StopRun):
+                raise batch.error
+            yield batch
+
+
 def crop_loader(dataset: PretrainDataset, sampler: Iterable[tuple[int, int]], data: DataConfig,
-                pin_memory: bool) -> torch.utils.data.DataLoader:
+                pin_memory: bool) -> CropLoader:
     """The pretraining ``DataLoader``: ``data.num_workers`` persistent workers cut the crops (each
     reads only its crops' regions from the cache), 4 batches prefetched per worker.
 
@@ -264,8 +340,8 @@ def crop_loader(dataset: PretrainDataset, sampler: Iterable[tuple[int, int]], da
     and ``modality`` int64 ``(data.batch_size * crops_per_volume,)``.
     """
     workers = data.num_workers
-    return torch.utils.data.DataLoader(
+    return CropLoader(
         dataset, batch_size=data.batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=list_data_collate, pin_memory=pin_memory,
+        collate_fn=_collate_crops, pin_memory=pin_memory,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
     )

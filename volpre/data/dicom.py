@@ -252,23 +252,40 @@ class _SeriesParts:
         self.slices: list[DicomSlice] = []
 
 
+class _BadValue(ValueError):
+    """A header value that does not convert to what a slice needs (a property of the file)."""
+
+
 def _read_header(path: Path) -> Dataset:
-    """The scan fields of ``path``; files without a preamble (old ``.dcm``) are read with force."""
+    """The scan fields of ``path``, every value decoded; files without a preamble (old ``.dcm``) are
+    read with force. Raises whatever pydicom raises for a file it cannot parse."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SCAN_TAGS)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SCAN_TAGS)
     except InvalidDicomError:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SCAN_TAGS, force=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SCAN_TAGS, force=True)
+    for _element in ds.iterall():  # pydicom decodes values on first access: here, not in our code below
+        pass
+    return ds
 
 
 def _scan_file(path: Path) -> tuple[str, _SeriesIdentity, list[DicomSlice]] | SkippedFile:
-    """``(series uid, identity, slices)`` for a file that holds volume slices, else a SkippedFile."""
+    """``(series uid, identity, slices)`` for a file that holds volume slices, else a SkippedFile.
+
+    A file pydicom cannot parse, or whose values do not convert, is skipped as ``unreadable``; any
+    other error (a bug in volpre, a memory error) is raised.
+    """
     if not looks_like_dicom_file(path):
         return SkippedFile(path, "unreadable", f"not a DICOM file (no 'DICM' marker at byte {_MAGIC_OFFSET})")
     try:
         ds = _read_header(path)
-        return _slices_of(path, ds)
-    except Exception as exc:  # one broken file must not stop a scan over a whole archive
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom's own errors, of many types: the file is broken
         return SkippedFile(path, "unreadable", f"unreadable DICOM header: {type(exc).__name__}: {_one_line(exc)}")
+    try:
+        return _slices_of(path, ds)
+    except _BadValue as exc:
+        return SkippedFile(path, "unreadable", f"unreadable DICOM header: {exc}")
 
 
 def _slices_of(path: Path, ds: Dataset) -> tuple[str, _SeriesIdentity, list[DicomSlice]] | SkippedFile:
@@ -290,7 +307,7 @@ def _slices_of(path: Path, ds: Dataset) -> tuple[str, _SeriesIdentity, list[Dico
         return SkippedFile(
             path, "not-an-image", f"a localizer (scout) image (ImageType {shown}), not a slice of a volume"
         )
-    samples = int(ds.get("SamplesPerPixel") or 1)
+    samples = _int(ds.get("SamplesPerPixel") or 1, "SamplesPerPixel")
     if samples != 1:
         return SkippedFile(
             path, "non-scalar",
@@ -305,9 +322,9 @@ def _slices_of(path: Path, ds: Dataset) -> tuple[str, _SeriesIdentity, list[Dico
     identity = _SeriesIdentity(
         modality, _text(ds, "SeriesDescription") or "", _text(ds, "StudyInstanceUID"), _text(ds, "PatientID")
     )
-    n_frames = int(ds.get("NumberOfFrames") or 1)
+    n_frames = _int(ds.get("NumberOfFrames") or 1, "NumberOfFrames")
     if "PerFrameFunctionalGroupsSequence" in ds:
-        slices = _frames_of(path, ds, int(rows), int(cols), n_frames)
+        slices = _frames_of(path, ds, _int(rows, "Rows"), _int(cols, "Columns"), n_frames)
     elif n_frames > 1:
         return SkippedFile(
             path, "dimensionality",
@@ -380,13 +397,13 @@ def _make_slice(path, frame, rows, cols, spacing, orientation, position, slope, 
     return DicomSlice(
         path=path,
         frame=frame,
-        rows=int(rows),
-        cols=int(cols),
+        rows=_int(rows, "Rows"),
+        cols=_int(cols, "Columns"),
         pixel_spacing=_floats(spacing, 2, "PixelSpacing"),
         orientation=_floats(orientation, 6, "ImageOrientationPatient"),
         position=_floats(position, 3, "ImagePositionPatient"),
-        rescale_slope=1.0 if slope in (None, "") else float(slope),
-        rescale_intercept=0.0 if intercept in (None, "") else float(intercept),
+        rescale_slope=1.0 if slope in (None, "") else _floats(slope, 1, "RescaleSlope")[0],
+        rescale_intercept=0.0 if intercept in (None, "") else _floats(intercept, 1, "RescaleIntercept")[0],
     )
 
 
@@ -397,10 +414,26 @@ def _values(value) -> list:
 
 
 def _floats(value, count: int, keyword: str) -> tuple[float, ...]:
-    numbers = [float(v) for v in _values(value)]
+    """``count`` finite numbers from a header value, or :class:`_BadValue` naming ``keyword``."""
+    try:
+        numbers = [float(v) for v in _values(value)]
+    except (TypeError, ValueError) as exc:
+        raise _BadValue(f"{keyword} holds {_shown(value)}; expected {count} numbers") from exc
     if len(numbers) != count or not np.all(np.isfinite(numbers)):
-        raise ValueError(f"{keyword} holds {numbers}; expected {count} finite numbers")
+        raise _BadValue(f"{keyword} holds {numbers}; expected {count} finite numbers")
     return tuple(numbers)
+
+
+def _int(value, keyword: str) -> int:
+    """A header value as an integer, or :class:`_BadValue` naming ``keyword``."""
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise _BadValue(f"{keyword} holds {_shown(value)}; expected an integer") from exc
+
+
+def _shown(value) -> str:
+    return repr(value)[:80]
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -639,7 +672,9 @@ def _read_pixels(path: Path, series: DicomSeries) -> np.ndarray:
             ds = pydicom.dcmread(path)
         except InvalidDicomError:
             ds = pydicom.dcmread(path, force=True)
-    except Exception as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom's own errors, of many types: the file is broken
         raise VolumeError(where, "unreadable", f"{path.name}: unreadable DICOM file: {_one_line(exc)}") from exc
     if "PixelData" not in ds:
         raise VolumeError(where, "unreadable", f"{path.name}: no pixel data; expected an image")
@@ -656,7 +691,9 @@ def _read_pixels(path: Path, series: DicomSeries) -> np.ndarray:
             )
     try:
         return ds.pixel_array
-    except Exception as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the pixel decoders' own errors: the data cannot be decoded
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise VolumeError(
             where, "unreadable",

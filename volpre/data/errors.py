@@ -1,4 +1,5 @@
-"""The one exception every volume check raises: :class:`VolumeError`.
+"""The one exception every volume check raises: :class:`VolumeError` (and :class:`CacheError`,
+which is never the volume's fault).
 
 A ``VolumeError`` names the file (``path``), a machine-readable category (``kind``, one of
 :data:`ERROR_KINDS`) and a human-readable ``reason`` that says what was found and what was
@@ -71,3 +72,9 @@ class EntryProblem:
     def line(self) -> str:
         """``entry id: file: kind: reason`` (one line per problem)."""
         return f"{self.entry_id}: {self.path}: {self.kind}: {self.reason}"
+
+
+class CacheError(OSError):
+    """The preprocessed cache cannot be created or written (a full disk, a quota, a read-only
+    filesystem, no permission). Never a property of a source volume: it stops ``volpre cache``
+    and ``volpre pretrain`` instead of marking entries bad."""

@@ -1,38 +1,223 @@
-"""Checkpoints that are never lost and always load with ``torch.load(..., weights_only=True)``.
+"""Checkpoints that are never lost, never trusted when damaged, and always load with
+``torch.load(..., weights_only=True)``.
 
 Layout under ``<output>/checkpoints/``: ``step_00000500.pt`` (the last ``keep_last`` of them),
 ``last.pt`` (the newest) and ``best.pt`` (lowest mean training loss over the steps since the
 previous checkpoint). Every file appears atomically: written to a temporary name in the same
-folder, flushed to disk, then renamed over the target; a crash mid-write leaves the previous
-file intact. ``last.pt``/``best.pt`` are hard links to the step file when the filesystem allows
-(no second write), copies otherwise.
+folder (``.NAME.tmp<pid>@<host>``), flushed to disk, then renamed over the target; a crash
+mid-write leaves the previous file intact, and the next run removes the temporaries of dead
+writers. ``last.pt``/``best.pt`` are hard links to the step file when the filesystem allows (no
+second write), copies otherwise: damage to one is damage to all of its names.
+
+So every checkpoint carries a ``checksum`` (SHA-256 over every value it holds: each tensor's
+dtype, shape and bytes, every plain value, in a fixed order; see :func:`state_checksum`) and
+:func:`load_checkpoint`, the one reader of checkpoints in volpre, verifies it: a bit flip
+anywhere in the tensors or the pickled values is an error, never different weights. Its errors
+name the file and the newest readable ``step_*.pt`` beside it; ``volpre pretrain --resume``
+falls back to that one by itself when ``last.pt`` cannot be used. :func:`read_torch_file` is the
+one guard around ``torch.load`` (checkpoints here, bundle weight files in
+:mod:`volpre.export.weights`).
 
 A checkpoint holds only tensors and plain Python values (dicts, lists, str, int, float, bool),
 so the safe ``weights_only`` unpickler reads it:
 ``model`` (encoder + decoder + objective heads, no DDP/compile prefixes), ``optimizer``,
 ``scheduler``, ``scaler``, ``ema`` (or None), ``rng`` (per-rank RNG states), ``step``,
-``samples_seen`` (per-rank data position), ``world_size``, ``best_loss``, ``config``,
-``versions``, ``encoder`` (name), ``manifest`` (path and SHA-256), ``nnunet_plans`` (the nnU-Net plans
-dict of an ``nnunet`` encoder, else None), ``init`` (``--init`` weights: path, format, SHA-256; else None).
+``items_seen`` (per-rank data position), ``world_size``, ``best_loss``, ``config``,
+``versions``, ``encoder`` (name), ``manifest`` (path and SHA-256 of the manifest the weights are
+being trained on), ``data`` (the selected splits, the entries and the history of data changes:
+:mod:`volpre.engine.provenance`), ``nnunet_plans`` (the nnU-Net plans dict of an ``nnunet``
+encoder, else None), ``init`` (``--init`` weights: path, format, SHA-256; else None) and ``checksum``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from volpre.files import describe_write_error, remove_stale_temporaries, temporary_path
+
+log = logging.getLogger(__name__)
+
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
 
 
+CHECKSUM_KEY = "checksum"
+"""The key holding a checkpoint's :func:`state_checksum`."""
+REQUIRED_KEYS = ("model", "config", "versions", "step")
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit the run that loads it."""
+    """A checkpoint is missing, unreadable, damaged, or does not fit the run that loads it."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def read_torch_file(path: str | os.PathLike, what: str, error: type[Exception] = CheckpointError,
+                    damaged: str = "corrupt") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, the one guard around it in volpre.
+
+    Args:
+        path: the file.
+        what: what it should hold, for messages (``"checkpoint"``, ``"pretrained encoder weights"``).
+        error: the exception type raised (callers use their own layer's error).
+        damaged: the end of the message for an unreadable file: "it may be truncated or <damaged>".
+
+    Raises:
+        ``error``: the file is missing, empty, or ``torch.load`` cannot read it; the message
+        names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        try:
+            empty = path.stat().st_size == 0
+        except OSError:
+            empty = False
+        detail = "the file is empty" if empty else f"{type(exc).__name__}: {_first_line(exc) or 'no message'}"
+        raise error(f"{what} {path}: cannot be read ({detail}); it may be truncated or {damaged}") from exc
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """SHA-256 (hex) of everything in ``state`` but its ``checksum`` key.
+
+    Fed in a fixed order: dict items sorted by key, list and tuple items in order; a tensor as
+    its dtype, shape and bytes (on the CPU, contiguous); any other value as its type and
+    ``repr`` (exact for floats). A value changed anywhere changes the digest.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != CHECKSUM_KEY})
+    return digest.hexdigest()
+
+
+def _feed(digest, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}:".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}:".encode())
+        for key in sorted(value, key=lambda k: (type(k).__name__, repr(k))):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}:".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its ``checksum`` (what :class:`CheckpointManager` saves; for tools that
+    write checkpoints themselves)."""
+    return {**state, CHECKSUM_KEY: state_checksum(state)}
+
+
+def _read_verified(path: Path) -> dict[str, Any]:
+    state = read_torch_file(path, "checkpoint", damaged="not a volpre checkpoint")
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: not a volpre pretraining checkpoint (missing {', '.join(missing)})")
+    recorded = state.get(CHECKSUM_KEY)
+    if not isinstance(recorded, str):
+        raise CheckpointError(
+            f"checkpoint {path}: holds no checksum, so it cannot be verified (volpre pretrain writes one into every "
+            "checkpoint; this file was written some other way)"
+        )
+    if state_checksum(state) != recorded:
+        raise CheckpointError(
+            f"checkpoint {path}: checksum mismatch: its contents are not what volpre wrote (damaged on disk, or "
+            "edited)"
+        )
+    return state
+
+
+@dataclass(frozen=True)
+class FoundCheckpoint:
+    """A checkpoint file that was read and verified."""
+
+    path: Path
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def step_files(folder: str | os.PathLike) -> list[Path]:
+    """The ``step_*.pt`` files in ``folder``, oldest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if STEP_FILE.match(p.name))
+
+
+def _same_file(a: Path, b: Path | None) -> bool:
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def newest_readable(folder: str | os.PathLike, exclude: str | os.PathLike | None = None) -> FoundCheckpoint | None:
+    """The newest ``step_*.pt`` in ``folder`` that reads and verifies, skipping ``exclude`` and
+    every other name of its file (hard links share its damage); None if there is none."""
+    exclude = Path(exclude) if exclude is not None else None
+    for path in reversed(step_files(folder)):
+        if _same_file(path, exclude):
+            continue
+        try:
+            return FoundCheckpoint(path, _read_verified(path))
+        except CheckpointError:
+            continue
+    return None
+
+
+def fallback_hint(path: Path) -> str:
+    """What to use instead of the unusable checkpoint ``path``: the newest readable step beside it."""
+    candidates = [p for p in step_files(path.parent) if not _same_file(p, path)]
+    if not candidates:
+        return ""
+    found = newest_readable(path.parent, exclude=path)
+    if found is None:
+        return f"; none of the {len(candidates)} other step_*.pt beside it can be read either"
+    return f"; the newest readable checkpoint beside it is {found.path} (step {found.step})"
+
+
+def load_checkpoint(path: str | os.PathLike, suggest_fallback: bool = True) -> dict[str, Any]:
+    """Read and verify a checkpoint (safe unpickler, checksum).
+
+    Raises:
+        CheckpointError: naming the file and why it cannot be used, and (``suggest_fallback``)
+            the newest readable ``step_*.pt`` beside it.
+    """
+    path = Path(path)
+    try:
+        return _read_verified(path)
+    except CheckpointError as exc:
+        if not suggest_fallback:
+            raise
+        raise CheckpointError(f"{exc}{fallback_hint(path)}") from exc.__cause__
 
 
 def capture_rng(generator: torch.Generator) -> dict[str, Any]:
@@ -70,7 +255,7 @@ def _python_state_from_plain(plain: list) -> tuple:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -97,7 +282,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def _atomic_alias(source: Path, alias: Path) -> None:
     """Make ``alias`` a hard link to ``source`` (a copy if links fail), replacing it atomically."""
-    tmp = alias.with_name(f".{alias.name}.tmp{os.getpid()}")
+    tmp = temporary_path(alias)
     tmp.unlink(missing_ok=True)
     try:
         os.link(source, tmp)
@@ -108,7 +293,8 @@ def _atomic_alias(source: Path, alias: Path) -> None:
 
 
 class CheckpointManager:
-    """Writes step checkpoints, keeps the last ``keep_last``, and maintains last.pt and best.pt."""
+    """Writes step checkpoints (with their checksum), keeps the last ``keep_last``, and maintains
+    last.pt and best.pt."""
 
     def __init__(self, folder: Path, keep_last: int):
         self.folder = Path(folder)
@@ -123,35 +309,35 @@ class CheckpointManager:
         return self.folder / "best.pt"
 
     def step_files(self) -> list[Path]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p for p in self.folder.iterdir() if STEP_FILE.match(p.name))
+        return step_files(self.folder)
+
+    def holds_a_run(self) -> bool:
+        """Whether any checkpoint of a run is here (last.pt, or a step file)."""
+        return self.last.exists() or bool(self.step_files())
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the half-written checkpoints of writers that died (``.step_N.pt.tmp<pid>@<host>``)."""
+        removed = remove_stale_temporaries(self.folder)
+        for path in removed:
+            log.warning("removed %s, a checkpoint left half-written by a process that died", path)
+        return removed
 
     def save(self, state: dict[str, Any], step: int, is_best: bool) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Write ``state`` as ``step_<step>.pt`` with its checksum; point last.pt (and best.pt) at it.
+
+        Raises:
+            CheckpointError: the folder cannot be written (a full disk, a quota, a read-only
+                filesystem); the previous checkpoints stay as they were.
+        """
         path = self.folder / f"step_{step:08d}.pt"
-        atomic_save(state, path)
-        _atomic_alias(path, self.last)
-        if is_best:
-            _atomic_alias(path, self.best)
-        for old in self.step_files()[: -self.keep_last]:
-            old.unlink()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_save(with_checksum(state), path)
+            _atomic_alias(path, self.last)
+            if is_best:
+                _atomic_alias(path, self.best)
+            for old in self.step_files()[: -self.keep_last]:
+                old.unlink()
+        except OSError as exc:
+            raise CheckpointError(f"cannot write checkpoint {path}: {describe_write_error(exc)}") from exc
         return path
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint with the safe unpickler; raise :class:`CheckpointError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(
-            f"checkpoint {path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "it may be truncated or not a volpre checkpoint"
-        ) from exc
-    missing = [k for k in ("model", "config", "versions", "step") if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path}: not a volpre pretraining checkpoint (missing {', '.join(missing)})")
-    return state

@@ -1,7 +1,8 @@
 """Run logs on rank 0: ``metrics.jsonl`` (one line per step) and TensorBoard scalars and images.
 
 Per-step values stay on the device until a flush (every ``log_every`` steps), so logging costs
-one host sync per flush, not one per step.
+one host sync per flush, not one per step. Events of the run (``--resume --new-data``) are lines
+of their own in ``metrics.jsonl``, with an ``event`` key and the ``step`` they happened at.
 """
 
 from __future__ import annotations
@@ -84,6 +85,11 @@ class RunLogger:
         self.writer.flush()
         self._steps, self._device_values, self._host_values = [], [], []
         return records
+
+    def add_event(self, record: dict[str, Any]) -> None:
+        """Append one event line (``{"event": NAME, "step": N, ...}``) to ``metrics.jsonl`` at once."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def add_images(self, step: int, images: dict[str, torch.Tensor]) -> None:
         """Log orthogonal mid-slices of the first sample's first channel of each ``(B, C, X, Y, Z)``."""

@@ -5,7 +5,13 @@ One Ignite iteration is one optimiser step over ``train.grad_accum`` micro-batch
 learning rate follows a linear warmup over ``train.warmup_steps`` and a cosine decay to
 ``train.min_lr`` at ``train.total_steps``; ``max_steps`` only says where this invocation stops,
 so a run stopped at step 20 and resumed to 40 follows the very schedule, crops, masks and losses
-of an uninterrupted 40-step run (on the same hardware and world size).
+of an uninterrupted 40-step run (on the same hardware, world size and data: a resume on other
+data is refused unless ``new_data``, see :mod:`volpre.engine.provenance`).
+
+A non-finite loss (or gradient norm, or weights) stops the run with :class:`DivergenceError`,
+without writing a checkpoint, so the last checkpoint on disk is the last finite one. The check
+costs no host sync of its own: each step updates a flag on the device, read at log and checkpoint
+steps, where the step's values reach the host anyway.
 """
 
 from __future__ import annotations
@@ -33,10 +39,18 @@ from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDatas
 from volpre.data.manifest import load_manifest
 from volpre.data.nnunet_plan import NNUNetPlan, resolve_run_config
 from volpre.engine.batches import DevicePrefetcher, StepBatches
-from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
+from volpre.engine.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    capture_rng,
+    load_checkpoint,
+    newest_readable,
+    restore_rng,
+)
 from volpre.engine.distributed import DistContext, setup_distributed, teardown_distributed
 from volpre.engine.ema import build_ema, update_ema
 from volpre.engine.logging import RunLogger
+from volpre.engine.provenance import RunData, compare, describe_splits
 from volpre.objectives import build_pretrainer, samples_by_subject
 from volpre.versions import installed_versions
 
@@ -51,6 +65,10 @@ RESUME_SAFE_KEYS = (
     "data.cache_dir",
 )
 """Config keys that may change when resuming; any other change would break exact resume."""
+
+
+class DivergenceError(RuntimeError):
+    """The loss, the gradient norm or the weights became NaN or infinite: the run stopped unsaved."""
 
 
 @dataclass
@@ -169,23 +187,28 @@ class Pretraining:
 
     def __init__(self, cfg: RunConfig, manifest_path: Path, output: Path, ctx: DistContext,
                  resume: bool = False, splits: tuple[str, ...] | None = None,
-                 init: tuple[Path, str] | None = None):
+                 init: tuple[Path, str] | None = None, new_data: bool = False):
+        """``splits``: the manifest splits to train on (None: every entry; on resume, None means the
+        checkpoint's). ``init``: ``(PATH, FORMAT)`` of weights to start the encoder from. ``new_data``:
+        with ``resume``, continue even if the data differ from the run's."""
         self.ctx, self.output = ctx, Path(output)
         self.checkpoints = CheckpointManager(self.output / "checkpoints", keep_last=1)
+        if new_data and not resume:
+            raise ValueError("--new-data continues a run on changed data: it needs --resume")
+        if ctx.is_main:
+            self.checkpoints.remove_stale_temporaries()
         saved = None
         if resume:
-            if not self.checkpoints.last.exists():
-                raise CheckpointError(f"--resume: no checkpoint to resume at {self.checkpoints.last}")
-            saved = load_checkpoint(self.checkpoints.last)
+            saved = self._load_for_resume()
             cfg = resumed_config(saved["config"], cfg)
             if saved["world_size"] != ctx.world_size:
                 raise CheckpointError(
                     f"--resume: the checkpoint was written by {saved['world_size']} processes, this run has "
                     f"{ctx.world_size}; exact resume needs the same number"
                 )
-        elif self.checkpoints.last.exists():
+        elif self.checkpoints.holds_a_run():
             raise CheckpointError(
-                f"{self.output} already holds a run ({self.checkpoints.last}); pass --resume to continue it, "
+                f"{self.output} already holds a run ({self.checkpoints.folder}); pass --resume to continue it, "
                 "or choose another --output"
             )
         self.cfg = cfg
@@ -199,9 +222,14 @@ class Pretraining:
         self.checkpoints.keep_last = cfg.train.keep_last
         self.manifest_path = Path(manifest_path)
         manifest = load_manifest(self.manifest_path)
+        saved_data = saved.get("data") if saved is not None else None
+        if splits is None and saved_data is not None:
+            splits = None if saved_data["splits"] is None else tuple(saved_data["splits"])
         entries = [e for e in manifest.entries if splits is None or e.split in splits]
         if not entries:
             raise ValueError(f"manifest {manifest_path}: no entries in splits {', '.join(splits or ())}")
+        self.data = RunData.of(self.manifest_path, file_sha256(self.manifest_path), entries, splits)
+        self.data_history, self.data_event = self._data_history(saved, new_data)
         self.groups = VolumeGroups.build(entries, by_subject=samples_by_subject(cfg))
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -237,7 +265,63 @@ class Pretraining:
         self.step, self.best_loss = 0, math.inf
         if saved is not None:
             self._restore(saved)
-        self.manifest_sha256 = file_sha256(self.manifest_path)
+        self.last_saved_step = self.step if saved is not None else None
+        # first step whose loss (or gradient norm) was not finite, 0 while all were: kept on the device
+        self._first_nonfinite = torch.zeros((), dtype=torch.int64, device=ctx.device)
+
+    # ------------------------------------------------------------------ resume
+
+    def _load_for_resume(self) -> dict[str, Any]:
+        """last.pt, or the newest readable step_*.pt when last.pt is missing, unreadable or damaged."""
+        last = self.checkpoints.last
+        if not self.checkpoints.holds_a_run():
+            raise CheckpointError(f"--resume: no checkpoint to resume at {last}")
+        try:
+            return load_checkpoint(last, suggest_fallback=False)
+        except CheckpointError as error:
+            found = newest_readable(self.checkpoints.folder, exclude=last if last.exists() else None)
+            if found is None:
+                raise CheckpointError(f"--resume: {error}; there is no readable checkpoint to fall back to") from error
+            if self.ctx.is_main:
+                log.warning("--resume: %s; resuming from %s (step %d), the newest readable checkpoint, instead",
+                            error, found.path, found.step)
+            return found.state
+
+    def _data_history(self, saved: dict | None, new_data: bool) -> tuple[list[dict[str, Any]], dict | None]:
+        """The checkpoint's data history extended for this invocation, and the metrics.jsonl event of a
+        change of data (None if none); refuses changed data unless ``new_data``."""
+        if saved is None:
+            return [self.data.history_record(0, new_data=False)], None
+        step = int(saved["step"])
+        recorded = saved.get("data")
+        if recorded is None:
+            raise CheckpointError(
+                "--resume: the checkpoint does not record which entries it was trained on, so an exact resume "
+                "cannot be checked; pass --new-data to continue anyway (no longer an exact resume)"
+            )
+        history = list(recorded["history"])
+        change = compare(recorded, self.data)
+        if change:
+            if not new_data:
+                raise CheckpointError(
+                    f"--resume: the data differ from those the run was trained on: {change.describe()}. "
+                    "--resume continues a run exactly only on its own data; pass --new-data to continue on these "
+                    "(no longer an exact resume; recorded in metrics.jsonl and the checkpoints)"
+                )
+            if self.ctx.is_main:
+                log.warning("--resume --new-data: continuing at step %d on other data: %s; from here on the run is "
+                            "not what an uninterrupted run would have been", step, change.describe())
+            history.append(self.data.history_record(step, new_data=True, change=change))
+            event = {"event": "new_data", "step": step, "manifest": self.data.manifest,
+                     "splits": describe_splits(self.data.splits), "entries": len(self.data.entries),
+                     "added": change.added, "removed": change.removed, "changed": change.changed,
+                     "reordered": change.reordered, "exact_resume": False}
+            return history, event
+        if history and history[-1]["manifest"] != self.data.manifest:
+            log.info("--resume: the manifest file is now %s (sha256 %s); the entries trained on are the same",
+                     self.data.manifest["path"], self.data.manifest["sha256"])
+            history.append(self.data.history_record(step, new_data=False))
+        return history, None
 
     # ------------------------------------------------------------------ state
 
@@ -270,7 +354,8 @@ class Pretraining:
             "config": self.cfg.to_dict(),
             "encoder": self.cfg.model.encoder,
             "versions": installed_versions(),
-            "manifest": {"path": str(self.manifest_path.resolve()), "sha256": self.manifest_sha256},
+            "manifest": self.data.manifest,
+            "data": self.data.record(self.data_history),
             "nnunet_plans": None if self.plan is None else self.plan.plans,
             "init": self.init,
         }
@@ -340,7 +425,45 @@ class Pretraining:
             stacked = torch.stack([values[k] for k in keys])
             dist.all_reduce(stacked)
             values = dict(zip(keys, stacked / self.ctx.world_size))
+        self._track_nonfinite(values)
         return {"values": values, "lr": lr, "images": images}
+
+    def _track_nonfinite(self, values: dict[str, torch.Tensor]) -> None:
+        """Remember (on the device, no sync) the first step whose loss or gradient norm is not finite.
+
+        Under fp16 an infinite gradient norm is the GradScaler's business (it skips that step and
+        lowers the scale), so only the loss counts there. The values are the mean over ranks, so
+        every rank sees the same flag and stops at the same step.
+        """
+        checked = [values["loss"]]
+        if "grad_norm" in values and self.cfg.train.amp != "fp16":
+            checked.append(values["grad_norm"])
+        bad = ~torch.isfinite(torch.stack(checked)).all()
+        self._first_nonfinite.masked_fill_(bad & (self._first_nonfinite == 0), self.step)
+
+    def _check_finite(self, checkpointing: bool) -> None:
+        """Raise :class:`DivergenceError` if a step since the start went non-finite (one host sync), and
+        before a checkpoint also if any weight or float buffer is NaN/Inf."""
+        first = int(self._first_nonfinite)
+        problem = None
+        if first:
+            problem = f"the loss or gradient norm is not finite (NaN or Inf) since step {first}"
+        elif checkpointing:
+            tensors = [t for t in self.module.state_dict().values() if t.is_floating_point()]
+            finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+            if not bool(finite):
+                problem = f"the weights hold NaN or Inf values after step {self.step}"
+        if problem is None:
+            return
+        if self.last_saved_step is None:
+            kept = "no checkpoint had been written"
+        else:
+            kept = (f"the last checkpoint, {self.checkpoints.folder / f'step_{self.last_saved_step:08d}.pt'} "
+                    f"(step {self.last_saved_step}, also last.pt), is from before")
+        raise DivergenceError(
+            f"the run diverged: {problem}; it stopped at step {self.step} without writing a checkpoint, and "
+            f"{kept}. Start again with a lower train.lr or a longer train.warmup_steps (see metrics.jsonl)"
+        )
 
     # ------------------------------------------------------------------ run
 
@@ -357,13 +480,24 @@ class Pretraining:
             log.warning("the run in %s is already at step %d (--max-steps %d): nothing to do",
                         self.output, self.step, max_steps)
             return result
-        logger = RunLogger(self.output, purge_step=self.step if self.step > 0 else None) if ctx.is_main else None
+        logger = None
+        if ctx.is_main:
+            metrics = self.output / "metrics.jsonl"
+            if self.step == 0 and metrics.exists() and metrics.stat().st_size > 0:
+                log.warning("%s holds the log of a run that wrote no checkpoint; starting over", metrics)
+            logger = RunLogger(self.output, purge_step=self.step)  # drops what was logged after the checkpoint
+            if self.data_event is not None:
+                logger.add_event(self.data_event)
         batches = self._batches()
         window = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
         checkpoint_window: list[torch.Tensor] = []
         samples_per_step = self.items_per_step * cfg.data.crops_per_volume * ctx.world_size
 
         engine = Engine(lambda _engine, group: self._train_step(group))
+        # Ignite logs every exception leaving the run twice at ERROR; it leaves engine.run and the command
+        # reports it once (one line for a user's error, a traceback for a bug)
+        engine.logger = logging.getLogger(f"{__name__}.ignite")
+        engine.logger.setLevel(logging.CRITICAL)
         engine.load_state_dict({"iteration": self.step, "epoch_length": max_steps, "max_epochs": 1})
         stop = StopRequest(ctx.world_size, ctx.device)
 
@@ -381,7 +515,10 @@ class Pretraining:
             if at_log_step:
                 self._flush(logger, window, samples_per_step, result)
             stopping = stop.agreed(at_log_step)
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == max_steps or stopping:
+            checkpointing = self.step % cfg.train.checkpoint_every == 0 or self.step == max_steps or stopping
+            if at_log_step or checkpointing:
+                self._check_finite(checkpointing)
+            if checkpointing:
                 self._checkpoint(checkpoint_window, result)
             if stopping:
                 log.warning("stopping at step %d on signal %s; resume with --resume", self.step, stop.signal)
@@ -394,10 +531,12 @@ class Pretraining:
 
             ProgressBar(persist=True).attach(engine, output_transform=lambda out: {"loss": out["values"]["loss"]})
 
-        with stop.handling_signals():
-            engine.run(batches, max_epochs=1, epoch_length=max_steps)
-        if logger is not None:
-            logger.close()
+        try:
+            with stop.handling_signals():
+                engine.run(batches, max_epochs=1, epoch_length=max_steps)
+        finally:
+            if logger is not None:
+                logger.close()  # the steps logged up to a failure (a divergence: its NaN losses) are kept
         result.final_step = self.step
         result.bad_entries = BadEntryLog(self.output / "bad_entries.jsonl").read()
         if ctx.device.type == "cuda":
@@ -432,6 +571,7 @@ class Pretraining:
         rng = self._gather_rng()  # a collective: every rank takes part
         if self.ctx.is_main:
             result.checkpoint = self.checkpoints.save(self.state_dict(rng), self.step, is_best)
+        self.last_saved_step = self.step
 
 
 def _initialise_encoder(encoder: torch.nn.Module, cfg: RunConfig, path: Path, fmt: str) -> dict[str, str]:
@@ -448,10 +588,13 @@ def _initialise_encoder(encoder: torch.nn.Module, cfg: RunConfig, path: Path, fm
 
 def pretrain(cfg: RunConfig | None, manifest: Path, output: Path, max_steps: int | None = None,
              resume: bool = False, device: str | None = None, splits: tuple[str, ...] | None = None,
-             init: tuple[Path, str] | None = None) -> PretrainResult:
+             init: tuple[Path, str] | None = None, new_data: bool = False) -> PretrainResult:
     """Run (or resume) pretraining; returns what rank 0 saw. ``cfg`` may be None only with ``resume``.
 
+    ``splits``: manifest splits to train on (default every entry; on resume the checkpoint's).
     ``init``: ``(PATH, FORMAT)`` of weights to start the encoder from (``volpre.models.init_weights``).
+    ``new_data``: with ``resume``, continue on data that differ from the checkpoint's (refused
+    otherwise); no longer an exact resume, and recorded as such.
     """
     ctx = setup_distributed(device)
     run = None
@@ -460,7 +603,7 @@ def pretrain(cfg: RunConfig | None, manifest: Path, output: Path, max_steps: int
             raise ValueError("a config is needed unless --resume takes it from the checkpoint")
         if cfg is not None:
             cfg = resolve_run_config(cfg)  # data.roi: null -> the nnU-Net plan's patch size
-        run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits, init=init)
+        run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits, init=init, new_data=new_data)
         return run.run(max_steps if max_steps is not None else run.cfg.train.total_steps)
     finally:
         del run  # the DDP reducer must let go of the process group before teardown (see there)

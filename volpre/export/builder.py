@@ -14,16 +14,19 @@ loads strictly into that network, and writes the bundle from the templates in ``
     OUT/docs/README.md                what the weights are, how to fine-tune, the exact commands
     OUT/LICENSE
 
-Fine-tuning adds ``OUT/models/model.pt`` (the best validation checkpoint).
+Fine-tuning adds ``OUT/models/model.pt`` (the best validation checkpoint). The bundle is built in a
+temporary folder beside ``OUT`` and renamed onto it when complete: an export that fails or is killed
+leaves no ``OUT``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +41,7 @@ from volpre.export.metadata import fill_metadata, installed_package_versions
 from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
 from volpre.export.templates import TASKS, templates_root
 from volpre.export.weights import check_state_dict
+from volpre.files import remove_stale_temporaries, temporary_path
 
 ENCODER_FILE = "models/pretrained_encoder.pt"
 """Where a bundle keeps the exported encoder, relative to its root."""
@@ -155,12 +159,31 @@ def default_roi(task: str, network: str | None, pretrained: PretrainedEncoder,
     return pretraining, "the pretraining crop (`data.roi`); choose another with `volpre export --roi`"
 
 
-def _prepare_output(out: Path) -> None:
+def _check_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         found = "a file" if not out.is_dir() else "a non-empty directory"
         raise FileExistsError(f"bundle output {out} is {found}; expected a new or empty directory")
+
+
+@contextlib.contextmanager
+def _staged_output(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to build the bundle in, renamed onto ``out`` at the end.
+
+    An export that fails or is killed half way leaves no ``out`` (a killed one leaves its
+    temporary folder, removed by the next export to ``out``), so a rerun starts clean.
+    """
+    _check_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent, name=out.name)
+    work = temporary_path(out)
     for sub in ("configs", "models", "docs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+        _check_output(out)  # nobody created it meanwhile
+        os.replace(work, out)  # onto a missing or empty folder: atomic
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _fill_config(template: dict[str, Any], values: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -210,8 +233,9 @@ def export_bundle(
         weights: ``"model"`` (trained weights) or ``"ema"`` (their moving average, when kept).
 
     Raises:
-        CheckpointError: the checkpoint cannot be read, is not a volpre checkpoint, has an
-            invalid config, or holds Swin weights from MONAI < 1.5.
+        CheckpointError: the checkpoint cannot be read or fails its checksum, is not a volpre
+            checkpoint, has an invalid config, holds Swin weights from MONAI < 1.5, or encoder
+            tensors with NaN/Inf.
         WeightsError: its encoder tensors do not fit the encoder (or the network) they should
             load into; every missing, unexpected and misshapen key is listed.
         ValueError: an argument does not fit the task, the encoder or the network.
@@ -236,8 +260,19 @@ def export_bundle(
         target=f"the {prefix[:-1]} of the bundle's {name}",
     )
 
-    _prepare_output(out_dir)
-    encoder_path = out_dir / ENCODER_FILE
+    with _staged_output(out_dir) as work_dir:
+        _write_bundle(work_dir, out_dir, pretrained, task, name, network_def, model, network_state, manifest,
+                      modality, roi, roi_note, out_channels)
+    return out_dir
+
+
+def _write_bundle(work_dir: Path, out_dir: Path, pretrained: PretrainedEncoder, task: str, name: str,
+                  network_def: dict[str, Any], model: torch.nn.Module, network_state: dict[str, torch.Tensor],
+                  manifest: str | os.PathLike[str] | None, modality: str, roi: tuple[int, ...], roi_note: str,
+                  out_channels: int | None) -> None:
+    """Write every file of the bundle into ``work_dir``; paths inside it name ``out_dir``, where it goes."""
+    cfg = pretrained.config
+    encoder_path = work_dir / ENCODER_FILE
     atomic_save({k: v.detach().clone().contiguous() for k, v in network_state.items()}, encoder_path)
     networks.load_weights(model, encoder_path, None, f"the bundle's {name}")  # the bundle's own strict load
 
@@ -263,19 +298,18 @@ def export_bundle(
     task_dir = root / task / "configs"
     for name_json in ("train.json", "inference.json"):
         template = json.loads((task_dir / name_json).read_text())
-        _write_json(_fill_config(template, values, task_dir / name_json), out_dir / "configs" / name_json)
-    shutil.copyfile(task_dir / "evaluate.json", out_dir / "configs" / "evaluate.json")
+        _write_json(_fill_config(template, values, task_dir / name_json), work_dir / "configs" / name_json)
+    shutil.copyfile(task_dir / "evaluate.json", work_dir / "configs" / "evaluate.json")
     for common in ("multi_gpu_train.json", "logging.conf"):
-        shutil.copyfile(root / "common" / "configs" / common, out_dir / "configs" / common)
-    shutil.copyfile(root / "common" / "LICENSE", out_dir / "LICENSE")
+        shutil.copyfile(root / "common" / "configs" / common, work_dir / "configs" / common)
+    shutil.copyfile(root / "common" / "LICENSE", work_dir / "LICENSE")
 
     metadata = fill_metadata(json.loads((task_dir / "metadata.json").read_text()), pretrained, name, modality, roi,
                              out_channels)
-    _write_json(metadata, out_dir / "configs" / "metadata.json")
+    _write_json(metadata, work_dir / "configs" / "metadata.json")
     readme = _render_readme(root / task / "docs" / "README.md", out_dir, pretrained, name, metadata,
                             {**values, "roi_note": roi_note})
-    (out_dir / "docs" / "README.md").write_text(readme)
-    return out_dir
+    (work_dir / "docs" / "README.md").write_text(readme)
 
 
 def _json_block(values: dict[str, Any]) -> str:

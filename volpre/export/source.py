@@ -13,7 +13,8 @@ names the file:
   downsampling, so older Swin weights do not mean the same thing in today's ``SwinUNETR``),
   or Swin weights whose checkpoint does not record the MONAI version;
 - weights that do not fit the encoder the checkpoint's own config describes (every missing,
-  unexpected and misshapen key listed).
+  unexpected and misshapen key listed);
+- weights holding NaN or Inf (a diverged run), naming the tensors.
 """
 
 from __future__ import annotations
@@ -92,6 +93,21 @@ def check_swin_monai_version(versions: dict[str, Any], checkpoint: Path) -> None
         )
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str, shown: int = 20) -> None:
+    """Refuse weights holding NaN or Inf (a run that diverged), naming every such tensor (up to ``shown``).
+
+    Raises:
+        CheckpointError: ``source`` and the non-finite tensors.
+    """
+    bad = [key for key, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise CheckpointError(
+            f"{source}: {len(bad)} of {len(state)} encoder tensors hold NaN or Inf values: {', '.join(bad[:shown])}"
+            f"{more}; the run diverged before this checkpoint was written: export an earlier one"
+        )
+
+
 def read_pretrained_encoder(
     checkpoint: str | os.PathLike[str], weights: Literal["model", "ema"] = "model"
 ) -> PretrainedEncoder:
@@ -104,7 +120,8 @@ def read_pretrained_encoder(
 
     Raises:
         CheckpointError: the file cannot be read or is not a volpre checkpoint, its config is
-            invalid, ``weights="ema"`` but it holds no EMA, or Swin weights from MONAI < 1.5.
+            invalid, ``weights="ema"`` but it holds no EMA, Swin weights from MONAI < 1.5, or
+            encoder tensors holding NaN/Inf.
         WeightsError: its encoder tensors do not fit the encoder its config describes.
         ValueError: ``weights`` is neither ``"model"`` nor ``"ema"``.
     """
@@ -139,6 +156,7 @@ def read_pretrained_encoder(
         source=f"checkpoint {path} ({weights} weights, keys {prefix}*)",
         target=f"the {model.encoder} encoder its config describes ({shape}, in_channels={model.in_channels})",
     )
+    check_finite(state, f"checkpoint {path}: {weights} weights (keys {prefix}*)")
     return PretrainedEncoder(
         checkpoint=path,
         config=config,

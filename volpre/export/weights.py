@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from volpre.engine.checkpoint import read_torch_file
+
 
 class WeightsError(RuntimeError):
     """A weight file cannot be read, or its tensors do not fit the network that loads them."""
@@ -39,16 +41,7 @@ def read_state_dict(path: str | os.PathLike[str], what: str) -> dict[str, torch.
             of string keys to tensors. The message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{what} {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        first_line = (str(exc).splitlines() or [""])[0][:200]
-        raise WeightsError(
-            f"{what} {path}: cannot be read ({type(exc).__name__}: {first_line}); "
-            "the file may be truncated or corrupt"
-        ) from exc
+    state = read_torch_file(path, what, error=WeightsError)
     if not isinstance(state, Mapping):
         raise WeightsError(
             f"{what} {path}: expected a mapping of parameter names to tensors, got {type(state).__name__}"

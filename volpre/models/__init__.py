@@ -16,5 +16,6 @@ __all__ = [
     "UNetDecoder",
     "build_decoder",
     "build_encoder",
+    "build_encoder_and_decoder",
     "check_encoder_input",
 ]
