@@ -359,17 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a MONAI bundle that fine-tunes the checkpoint's encoder: SwinUNETR (Swin "
                        "encoders) or FlexibleUNet (ResNet encoders) for segmentation, SurvivalNet for survival. The "
                        "encoder weights are mapped to MONAI key names and loaded strictly; the bundle runs with "
-                       "`python -m monai.bundle run` (see DIR/docs/README.md). With --task nnunet (checkpoints of "
-                       "the nnunet encoder): write FILE.pth for `nnUNetv2_train ... -pretrained_weights FILE.pth` "
-                       "and FILE.md with the exact command.")
+                       "`python -m monai.bundle run --bundle_root DIR ...` (see DIR/docs/README.md). The bundle "
+                       "holds no local path: provenance as file names and SHA-256 digests, bundle_root '.' (MONAI's "
+                       "convention), and a manifest path only if --manifest is given. With --task nnunet "
+                       "(checkpoints of the nnunet encoder): write FILE.pth for `nnUNetv2_train ... "
+                       "-pretrained_weights FILE.pth` and FILE.md with the exact command.")
     p.add_argument("checkpoint", type=Path, help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
     p.add_argument("--task", required=True, choices=["segmentation", "survival", "nnunet"])
     p.add_argument("--out", required=True, type=Path, help="bundle folder to create (must not exist or be empty); "
                    "--task nnunet: the weights file to create (FILE.pth; FILE.md is written beside it)")
     p.add_argument("--network", choices=["swinunetr", "flexibleunet", "survivalnet"],
                    help="default: the one fitting the task and the checkpoint's encoder")
-    p.add_argument("--manifest", type=Path, help="manifest the bundle fine-tunes on by default "
-                   "(its entries' split: train/val/test); override at run time with --manifest")
+    p.add_argument("--manifest", type=Path, help="manifest the bundle fine-tunes on by default (its entries' "
+                   "split: train/val/test), written as an absolute path into train.json and inference.json; "
+                   "leave it out for a bundle to share (runs then pass --manifest)")
     p.add_argument("--modality", choices=["CT", "MR"], help="entries and preset the bundle uses (default CT)")
     p.add_argument("--out-channels", type=int, help="segmentation: number of classes including background")
     p.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"),
