@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from volpre.config import RunConfig, config_from_dict
 from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
 from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups, crop_loader
-from volpre.data.manifest import load_manifest
+from volpre.data.manifest import ManifestError, load_manifest
 from volpre.data.nnunet_plan import NNUNetPlan, resolve_run_config
 from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, capture_rng, load_checkpoint, restore_rng
@@ -187,9 +187,9 @@ class Pretraining:
         self.checkpoints.keep_last = cfg.train.keep_last
         self.manifest_path = Path(manifest_path)
         manifest = load_manifest(self.manifest_path)
-        entries = [e for e in manifest.entries if splits is None or e.split in splits]
+        entries = manifest.select_splits(splits)  # an unknown split is an error naming the manifest's splits
         if not entries:
-            raise ValueError(f"manifest {manifest_path}: no entries in splits {', '.join(splits or ())}")
+            raise ManifestError(f"manifest {manifest_path}: no entries to pretrain on")
         self.groups = VolumeGroups.build(entries, by_subject=samples_by_subject(cfg))
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
