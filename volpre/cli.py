@@ -92,24 +92,44 @@ def _cmd_manifest_to_decathlon(args: argparse.Namespace) -> int:
     return 0
 
 
+CACHE_COLLECTIVE_TIMEOUT_H = 24
+"""How long ranks that finished their share of ``volpre cache`` wait for the slowest one."""
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
+    import datetime
+
     from volpre.config import load_config
-    from volpre.data.cache import VolumeCache, build_cache, cache_dir_for
+    from volpre.data.cache import CacheReport, VolumeCache, build_cache, cache_dir_for
     from volpre.data.manifest import load_manifest
+    from volpre.engine.distributed import gather_objects, setup_distributed, teardown_distributed
+    from volpre.progress import Progress
 
     cfg = load_config(args.config, args.overrides)
     manifest = load_manifest(args.manifest)
     entries = manifest.select_splits(None if args.split is None else [args.split], option="--split")
-    cache = VolumeCache.create(cache_dir_for(cfg.data, args.manifest), cfg.preprocess)
     workers = _check_workers(cfg.data.num_workers if args.workers is None else args.workers)
+    every = _check_interval(args.progress_every)
+    cache = VolumeCache.create(cache_dir_for(cfg.data, args.manifest), cfg.preprocess)
+    # one process, or one rank of many (torchrun, SLURM): each builds its own share of the sources
+    ctx = setup_distributed("cpu", timeout=datetime.timedelta(hours=CACHE_COLLECTIVE_TIMEOUT_H))
+    try:
+        what = "caching" if ctx.world_size == 1 else f"caching (rank {ctx.rank} of {ctx.world_size})"
+        meter = Progress(what, "source", every=every, enabled=not args.quiet)
 
-    def show(result) -> None:
-        if hasattr(result, "line"):
-            print(result.line(), flush=True)
+        def show(result) -> None:
+            if hasattr(result, "line"):
+                print(result.line(), flush=True)
 
-    report = build_cache(entries, cache, workers, on_result=show)
-    print(report.summary())
-    return 0 if report.ok else 1
+        report = build_cache(entries, cache, workers, on_result=show, rank=ctx.rank, world_size=ctx.world_size,
+                             progress=meter)
+        meter.close()
+        merged = CacheReport.merge(gather_objects(ctx, report))
+    finally:
+        teardown_distributed(ctx)
+    if ctx.is_main:
+        print(merged.summary())
+    return 0 if merged.ok else 1
 
 
 # ----------------------------------------------------------------------------- training
@@ -361,12 +381,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "crop, MR z-score) once per volume of a manifest and store it where pretraining reads its "
                        "random crops from (data.cache_dir; default: .volpre_cache beside the manifest). Existing "
                        "entries are verified in full; missing, stale (source, config or version changed) and "
-                       "corrupt ones are rebuilt. `volpre pretrain` does the same on first use of each volume.")
+                       "corrupt ones are rebuilt, so a relaunch after a kill builds only what is missing. "
+                       "`volpre pretrain` does the same on first use of each volume. Under torchrun (one node or "
+                       "many: `torchrun --nnodes N --nproc_per_node P -m volpre cache ...`) or SLURM (srun, one "
+                       "task per process) the ranks split the sources between them, each built exactly once, "
+                       "and rank 0 prints one summary; every node must see the same cache folder.")
     p.add_argument("manifest", type=Path)
     p.add_argument("--config", required=True, help="shipped config name or a YAML path (its preprocess and data "
                    "sections apply)")
-    p.add_argument("--workers", type=int, help="processes building entries (default: data.num_workers)")
+    p.add_argument("--workers", type=int, help="processes building entries, per rank (default: data.num_workers)")
     p.add_argument("--split", help="cache only entries of this split (an error if no entry has it)")
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="when stderr is not a terminal (a batch job's log), a progress line per rank this often "
+                   "(default 30); on a terminal, a progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or lines")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cache_dir=/scratch/c")
     p.set_defaults(run=_cmd_cache)
 

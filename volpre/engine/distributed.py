@@ -13,12 +13,15 @@ Backend: NCCL on CUDA devices, gloo on the CPU. Each process drives ``cuda:LOCAL
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,12 @@ def _requested_world_size() -> int:
     return 1
 
 
-def setup_distributed(device: str | None = None) -> DistContext:
+def setup_distributed(device: str | None = None, timeout: datetime.timedelta | None = None) -> DistContext:
     """Join the process group the launcher describes (if any) and pick this process's device.
 
-    ``device``: ``"cuda"``, ``"cpu"`` or None (CUDA when available). Returns the rank, world size
-    and device; call :func:`teardown_distributed` at the end.
+    ``device``: ``"cuda"``, ``"cpu"`` or None (CUDA when available). ``timeout``: how long a
+    collective waits for the slowest rank (default: torch's, 30 min for gloo). Returns the rank,
+    world size and device; call :func:`teardown_distributed` at the end.
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
@@ -58,7 +62,7 @@ def setup_distributed(device: str | None = None) -> DistContext:
     if world > 1:
         backend = "nccl" if use_cuda else "gloo"
         if idist.get_world_size() == 1:
-            idist.initialize(backend)
+            idist.initialize(backend, **({} if timeout is None else {"timeout": timeout}))
     rank, local_rank = idist.get_rank(), idist.get_local_rank()
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -66,6 +70,15 @@ def setup_distributed(device: str | None = None) -> DistContext:
     else:
         dev = torch.device("cpu")
     return DistContext(rank=rank, world_size=idist.get_world_size(), local_rank=local_rank, device=dev, backend=backend)
+
+
+def gather_objects(ctx: DistContext, value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` for one process."""
+    if ctx.world_size == 1:
+        return [value]
+    values: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def teardown_distributed(ctx: DistContext) -> None:
