@@ -210,7 +210,7 @@ def test_index_decides_by_voxels_rules_override_and_undecided_files_are_reported
     assert rejected.reason.startswith("modality: cannot decide: no JSON sidecar head.json; file name has no "
                                       "_SUFFIX; header states no modality; voxel values: 0.0% of voxels in")
     assert printed[0].startswith("archive/head.nii: modality: cannot decide: no JSON sidecar head.json;")
-    assert printed[1] == ("1 volume files have no modality (rejected; see 'rejected' in the manifest): give it "
+    assert printed[1] == ("1 volume file has no modality (rejected; see 'rejected' in the manifest): give it "
                           "with --modality CODE or --modality 'PATTERN=CODE'")
     assert printed[2].startswith("indexed 4 files in ") and "2 entries, 1 rejected, 1 ignored" in printed[2]
 

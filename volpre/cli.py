@@ -309,6 +309,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _add_progress_options(p: argparse.ArgumentParser, each: str = "") -> None:
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help=f"when stderr is not a terminal (a batch job's log), a progress line {each}this often "
+                   "(default 30); on a terminal, a progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="volpre",
@@ -321,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="walk folders and write a manifest (one entry per volume or DICOM series)",
                        description="Walk folders of NIfTI/NRRD/MetaImage files and DICOM studies; write a manifest "
                        "with one entry per volume file or DICOM series (shape and spacing from headers; no pixel "
-                       "reads for DICOM) and the files it could not use, with reasons.")
+                       "reads for DICOM; the modality of other files from --modality rules, their JSON sidecar, "
+                       "BIDS suffix or header, else their voxel values) and the files it could not use, with "
+                       "reasons: unreadable files and folders, link loops, broken links, damaged headers, files "
+                       "whose modality nothing decides. None of them stops the index.")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="folders or files to index")
     p.add_argument("--out", required=True, type=Path, help="manifest to write (JSON)")
     p.add_argument("--modality", action="append", metavar="CODE|PATTERN=CODE",
@@ -333,10 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the reason")
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes indexing folders in parallel (default 0: this process)")
-    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
-                   help="when stderr is not a terminal (a batch job's log), a progress line this often "
-                   "(default 30); on a terminal, a progress bar")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    _add_progress_options(p)
     p.set_defaults(run=_cmd_index)
 
     p = sub.add_parser("check", help="open every manifest entry and report problems (exit 1 if any)",
@@ -348,10 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="check only entries of this split (an error if no entry has it)")
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes reading entries in parallel (default 0: this process)")
-    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
-                   help="when stderr is not a terminal (a batch job's log), a progress line this often "
-                   "(default 30); on a terminal, a progress bar")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    _add_progress_options(p)
     p.set_defaults(run=_cmd_check)
 
     p = sub.add_parser("demo-data", help="write the small deterministic demo dataset and its manifest",
@@ -391,10 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "sections apply)")
     p.add_argument("--workers", type=int, help="processes building entries, per rank (default: data.num_workers)")
     p.add_argument("--split", help="cache only entries of this split (an error if no entry has it)")
-    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
-                   help="when stderr is not a terminal (a batch job's log), a progress line per rank this often "
-                   "(default 30); on a terminal, a progress bar")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+    _add_progress_options(p, "per rank ")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cache_dir=/scratch/c")
     p.set_defaults(run=_cmd_cache)
 

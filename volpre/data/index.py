@@ -73,8 +73,9 @@ class IndexSummary:
         if self.undecided > len(self.undecided_examples):
             lines.append(f"... and {self.undecided - len(self.undecided_examples)} more files without a modality")
         if self.undecided:
-            lines.append(f"{self.undecided} volume files have no modality (rejected; see 'rejected' in the "
-                         "manifest): give it with --modality CODE or --modality 'PATTERN=CODE'")
+            files = "1 volume file has" if self.undecided == 1 else f"{self.undecided} volume files have"
+            lines.append(f"{files} no modality (rejected; see 'rejected' in the manifest): give it with "
+                         "--modality CODE or --modality 'PATTERN=CODE'")
         lines.append(
             f"indexed {self.files_seen} files in {self.seconds:.1f} s ({self.files_per_s:.0f} files/s): "
             f"{self.entries} entries, {self.rejected} rejected, {self.ignored} ignored; "
@@ -355,8 +356,7 @@ def _in_walk_order(results: Iterable[FolderResult]) -> Iterator[FolderResult]:
         while pending and pending[0][0] == expected:
             yield heapq.heappop(pending)[2]
             expected += 1
-    while pending:  # cannot happen (every ordinal arrives once); keep the order if it did
-        yield heapq.heappop(pending)[2]
+    assert not pending, f"folders {[p[0] for p in pending]} came back, but folder {expected} never did"
 
 
 def index_paths(paths: Iterable[Path], out: Path, modality: str | Sequence[str] | None = None,
