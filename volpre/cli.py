@@ -102,7 +102,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from volpre.config import load_config
     from volpre.data.cache import CacheReport, VolumeCache, build_cache, cache_dir_for
     from volpre.data.manifest import load_manifest
-    from volpre.engine.distributed import gather_objects, setup_distributed, teardown_distributed
+    from volpre.engine.distributed import gather_objects, patient_group, setup_distributed, teardown_distributed
     from volpre.progress import Progress
 
     cfg = load_config(args.config, args.overrides)
@@ -112,8 +112,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     every = _check_interval(args.progress_every)
     cache = VolumeCache.create(cache_dir_for(cfg.data, args.manifest), cfg.preprocess)
     # one process, or one rank of many (torchrun, SLURM): each builds its own share of the sources
-    ctx = setup_distributed("cpu", timeout=datetime.timedelta(hours=CACHE_COLLECTIVE_TIMEOUT_H))
+    ctx = setup_distributed("cpu")
     try:
+        finish_line = patient_group(ctx, datetime.timedelta(hours=CACHE_COLLECTIVE_TIMEOUT_H))
         what = "caching" if ctx.world_size == 1 else f"caching (rank {ctx.rank} of {ctx.world_size})"
         meter = Progress(what, "source", every=every, enabled=not args.quiet)
 
@@ -124,7 +125,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         report = build_cache(entries, cache, workers, on_result=show, rank=ctx.rank, world_size=ctx.world_size,
                              progress=meter)
         meter.close()
-        merged = CacheReport.merge(gather_objects(ctx, report))
+        merged = CacheReport.merge(gather_objects(ctx, report, group=finish_line))
     finally:
         teardown_distributed(ctx)
     if ctx.is_main:

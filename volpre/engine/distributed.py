@@ -47,12 +47,11 @@ def _requested_world_size() -> int:
     return 1
 
 
-def setup_distributed(device: str | None = None, timeout: datetime.timedelta | None = None) -> DistContext:
+def setup_distributed(device: str | None = None) -> DistContext:
     """Join the process group the launcher describes (if any) and pick this process's device.
 
-    ``device``: ``"cuda"``, ``"cpu"`` or None (CUDA when available). ``timeout``: how long a
-    collective waits for the slowest rank (default: torch's, 30 min for gloo). Returns the rank,
-    world size and device; call :func:`teardown_distributed` at the end.
+    ``device``: ``"cuda"``, ``"cpu"`` or None (CUDA when available). Returns the rank, world size
+    and device; call :func:`teardown_distributed` at the end.
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
@@ -62,7 +61,7 @@ def setup_distributed(device: str | None = None, timeout: datetime.timedelta | N
     if world > 1:
         backend = "nccl" if use_cuda else "gloo"
         if idist.get_world_size() == 1:
-            idist.initialize(backend, **({} if timeout is None else {"timeout": timeout}))
+            idist.initialize(backend)
     rank, local_rank = idist.get_rank(), idist.get_local_rank()
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -72,12 +71,25 @@ def setup_distributed(device: str | None = None, timeout: datetime.timedelta | N
     return DistContext(rank=rank, world_size=idist.get_world_size(), local_rank=local_rank, device=dev, backend=backend)
 
 
-def gather_objects(ctx: DistContext, value: Any) -> list[Any]:
+def patient_group(ctx: DistContext, timeout: datetime.timedelta) -> dist.ProcessGroup | None:
+    """A gloo group of every rank whose collectives wait up to ``timeout`` for the slowest rank.
+
+    The default group keeps torch's timeout (30 min for gloo), so a launch that promises more
+    ranks than it starts fails within it; work whose ranks finish far apart (``volpre cache``:
+    a rank's share of a large manifest takes hours) meets at the end in this group instead.
+    Every rank must call this, at the same point. None for one process.
+    """
+    if ctx.world_size == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def gather_objects(ctx: DistContext, value: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` for one process."""
     if ctx.world_size == 1:
         return [value]
     values: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=group)
     return values
 
 
