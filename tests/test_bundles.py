@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from child_processes import run_command
+from local_paths import local_paths_in
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.scripts import create_workflow
@@ -98,15 +99,19 @@ def checkpoints(tmp_path_factory, manifest) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def bundles(tmp_path_factory, checkpoints, manifest) -> dict[str, Path]:
+def bundles(tmp_path_factory, checkpoints) -> dict[str, Path]:
+    """Exported without --manifest, as a bundle meant for sharing: every run names its manifest."""
     root = tmp_path_factory.mktemp("bundles")
     return {
-        "flexibleunet": export_bundle(checkpoints["resnet"], "segmentation", root / "flexibleunet", manifest=manifest,
-                                      out_channels=3),
-        "swinunetr": export_bundle(checkpoints["swin"], "segmentation", root / "swinunetr", manifest=manifest,
-                                   out_channels=3, roi_size=(64, 64, 64)),
-        "survivalnet": export_bundle(checkpoints["swin"], "survival", root / "survivalnet", manifest=manifest),
+        "flexibleunet": export_bundle(checkpoints["resnet"], "segmentation", root / "flexibleunet", out_channels=3),
+        "swinunetr": export_bundle(checkpoints["swin"], "segmentation", root / "swinunetr", out_channels=3,
+                                   roi_size=(64, 64, 64)),
+        "survivalnet": export_bundle(checkpoints["swin"], "survival", root / "survivalnet"),
     }
+
+
+EXPORTED = ("LICENSE", "configs", "docs", "models/pretrained_encoder.pt")
+"""What export writes (runs add models/model.pt and eval/)."""
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +143,19 @@ def parsed_network(bundle: Path, config: str, **overrides) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("name", BUNDLES)
+def test_bundles_hold_no_local_path(name, bundles, checkpoints, manifest, tmp_path):
+    exported = tmp_path / "exported"
+    for part in EXPORTED:
+        source = bundles[name] / part
+        target = exported / part
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+    places = [bundles[name], checkpoints["resnet"].parent, checkpoints["swin"].parent, manifest.parent, REPO,
+              Path.home(), Path.cwd()]
+    assert local_paths_in(exported, places) == {}
+
+
+@pytest.mark.parametrize("name", BUNDLES)
 def test_verify_metadata_offline_with_the_shipped_schema(name, bundles, elsewhere):
     schema = copy_meta_schema(elsewhere / f"{name}_schema.json")
     out = check(monai_bundle("verify_metadata", "--meta_file", configs(bundles[name], "metadata.json"),
@@ -148,8 +166,11 @@ def test_verify_metadata_offline_with_the_shipped_schema(name, bundles, elsewher
 @pytest.mark.parametrize("name", BUNDLES)
 def test_verify_net_in_out(name, bundles, elsewhere):
     bundle = bundles[name]
+    # bundle_root is "." (MONAI's convention): from inside the bundle nothing else is needed; elsewhere, pass it
+    where = ["--bundle_root", str(bundle)] if name != "flexibleunet" else []
     out = check(monai_bundle("verify_net_in_out", "network_def", "--meta_file", configs(bundle, "metadata.json"),
-                             "--config_file", configs(bundle, "train.json"), "--device", "cpu", cwd=elsewhere))
+                             "--config_file", configs(bundle, "train.json"), "--device", "cpu", *where,
+                             cwd=elsewhere if where else bundle))
     assert "data shape of network is verified with no error" in out
 
 
@@ -163,7 +184,8 @@ def test_initialized_train_workflow_holds_the_exported_encoder(name, bundles, ma
     monkeypatch.chdir(elsewhere)
     workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
                               meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
-                              workflow_type="train", manifest=str(manifest), **WORKFLOW_OVERRIDES[name])
+                              workflow_type="train", bundle_root=str(bundle), manifest=str(manifest),
+                              **WORKFLOW_OVERRIDES[name])
     workflow.initialize()
     network = workflow.parser.get_parsed_content("network_def")
     exported = torch.load(bundle / "models/pretrained_encoder.pt", weights_only=True)
@@ -174,7 +196,7 @@ def test_initialized_train_workflow_holds_the_exported_encoder(name, bundles, ma
     # the scratch arm, through the path `monai.bundle run` takes (create_workflow), as the README says
     scratch = create_workflow(config_file=str(bundle / "configs/train.json"),
                               meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
-                              workflow_type="train", manifest=str(manifest), pretrained=False,
+                              workflow_type="train", bundle_root=str(bundle), manifest=str(manifest), pretrained=False,
                               **WORKFLOW_OVERRIDES[name])
     scratch_state = scratch.parser.get_parsed_content("network_def").state_dict()
     weights = [k for k, v in exported.items() if v.is_floating_point() and v.ndim >= 2]  # kernels, not norms
@@ -190,7 +212,8 @@ def test_monai_command_line_drops_none_overrides_so_scratch_is_a_boolean(bundles
     bundle = bundles["flexibleunet"]
     workflow = create_workflow(config_file=str(bundle / "configs/train.json"),
                                meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
-                               workflow_type="train", manifest=str(manifest), pretrained_encoder=None)
+                               workflow_type="train", bundle_root=str(bundle), manifest=str(manifest),
+                               pretrained_encoder=None)
     loaded = Path(workflow.parser.get_parsed_content("pretrained_encoder"))
     assert loaded == (bundle / "models/pretrained_encoder.pt").resolve()
 
@@ -199,7 +222,8 @@ def test_wrong_architecture_override_fails_with_the_key_list(bundles, manifest):
     bundle = bundles["flexibleunet"]
     workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
                               meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
-                              workflow_type="train", manifest=str(manifest), **{"network_def#backbone": "resnet18"})
+                              workflow_type="train", bundle_root=str(bundle), manifest=str(manifest),
+                              **{"network_def#backbone": "resnet18"})
     workflow.initialize()
     with pytest.raises(RuntimeError) as info:
         workflow.parser.get_parsed_content("network_def")

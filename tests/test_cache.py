@@ -3,11 +3,14 @@ and the faster gzip decoder of the readers."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import os
+import subprocess
 import time
+from pathlib import Path
 import zlib
 
 import h5py
@@ -371,3 +374,122 @@ def test_gunzip_decodes_every_member_and_fails_like_the_standard_library(tmp_pat
         with pytest.raises((EOFError, gzip.BadGzipFile, zlib.error)) as reference:
             gzip.decompress(data)
         assert type(ours.value) is type(reference.value), name
+
+
+# ----------------------------------------------------------------------------- many ranks (torchrun, SLURM)
+
+
+def _cache_manifest(files, tmp_path, n: int = 5) -> tuple[Path, list[ManifestEntry]]:
+    sources = [files / "ct_a.nii.gz", files / "ct_b.nii.gz", files / "mr.nii.gz"]
+    entries = []
+    for i in range(n):
+        copy = files / f"src{i}.nii.gz"
+        copy.write_bytes(sources[i % 3].read_bytes())
+        entries.append(_entry(copy, f"e{i}", modality="MR" if i % 3 == 2 else "CT"))
+    manifest = tmp_path / "m.json"
+    save_manifest(Manifest(entries=entries), manifest)
+    return manifest, entries
+
+
+def _cache_command(manifest: Path, cache_dir: Path) -> list[str]:
+    return ["-m", "volpre", "cache", str(manifest), "--config", "swin-dae-tiny", "--workers", "0",
+            "preprocess.spacing=[4.0,4.0,3.0]", f"data.cache_dir={cache_dir}"]
+
+
+def _tiny_preprocess() -> PreprocessConfig:
+    from volpre.config import load_config
+
+    return load_config("swin-dae-tiny", ["preprocess.spacing=[4.0,4.0,3.0]"]).preprocess
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK") and
+           not k.startswith("SLURM_")}
+    return {**env, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **extra}
+
+
+def _builders(cache_dir: Path, entries: list[ManifestEntry]) -> list[int]:
+    """The pid that built each entry's cache file (from its record)."""
+    cache = VolumeCache(cache_dir, _tiny_preprocess())
+    pids = []
+    for entry in entries:
+        with h5py.File(cache.entry_path(entry), "r", locking=False) as f:
+            pids.append(json.loads(f.attrs["volpre_cache"])["built_by"]["pid"])
+    return pids
+
+
+def test_shards_are_disjoint_and_cover_every_source(files):
+    sources = [_entry(files / f"x{i}.nii.gz") for i in range(7)]
+    shards = [cache_module.shard(sources, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [3, 2, 2]
+    assert sorted((e.id for s in shards for e in s), key=lambda i: int(i[1:-7])) == [e.id for e in sources]
+    assert cache_module.shard(sources, 0, 1) == sources
+    with pytest.raises(ValueError, match="rank 3 is not in 0..2"):
+        cache_module.shard(sources, 3, 3)
+
+
+def test_torchrun_ranks_build_each_entry_once_and_a_relaunch_builds_only_what_is_missing(files, tmp_path):
+    import sys
+
+    from child_processes import run_command
+
+    manifest, entries = _cache_manifest(files, tmp_path)
+    cache_dir = tmp_path / "cache"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_command(torchrun + _cache_command(manifest, cache_dir), timeout=300, env=_child_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("cache ")]
+    assert len(summaries) == 1, proc.stdout  # one summary for all ranks
+    assert summaries[0].endswith(": 5 sources (5 entries): 5 built, 0 up to date, 0 failed")
+    pids = _builders(cache_dir, entries)
+    assert len(set(pids)) == 2 and pids[0::2] == [pids[0]] * 3 and pids[1::2] == [pids[1]] * 2  # rank r: r, r+2, ...
+
+    # a rank killed half way leaves some entries unbuilt and a temporary file: the relaunch builds just those
+    cache = VolumeCache(cache_dir, _tiny_preprocess())
+    for entry in (entries[1], entries[4]):
+        cache.entry_path(entry).unlink()
+    temporary = cache.directory / f"{cache.entry_path(entries[1]).name}.host.123.abcd.tmp"
+    temporary.write_bytes(b"partial")
+    proc = run_command(torchrun + _cache_command(manifest, cache_dir), timeout=300, env=_child_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith("cache ")][0].endswith(
+        ": 5 sources (5 entries): 2 built, 3 up to date, 0 failed")
+    again = _builders(cache_dir, entries)
+    assert [again[i] for i in (0, 2, 3)] == [pids[i] for i in (0, 2, 3)]  # entries that were there: not rebuilt
+    assert again[1] != pids[1] and again[4] != pids[4] and again[1] != again[4]  # rebuilt, each by its own rank
+    assert temporary.exists()  # a fresh temporary may be another builder's: removed only once an hour old
+
+
+def test_slurm_tasks_split_the_sources_like_torchrun_ranks(files, tmp_path):
+    import socket
+    import sys
+
+    from child_processes import started_command
+
+    manifest, entries = _cache_manifest(files, tmp_path, n=3)
+    cache_dir = tmp_path / "cache"
+    with socket.socket() as probe:  # ignite derives the rendezvous port from the job id: 15000 + id % 5000
+        for port in range(15000 + os.getpid() % 4000, 20000):
+            try:
+                probe.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+    job = str(port - 15000 + 5000)
+    outputs = [tmp_path / f"task{i}.out" for i in range(2)]
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for task, output in enumerate(outputs):
+            env = _child_env(SLURM_JOB_ID=job, SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_NTASKS="2",
+                             SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost")
+            handle = stack.enter_context(open(output, "w"))
+            procs.append(stack.enter_context(started_command([sys.executable, *_cache_command(manifest, cache_dir)],
+                                                             env=env, stdout=handle, stderr=subprocess.STDOUT)))
+        codes = [proc.wait(timeout=300) for proc in procs]
+    texts = [output.read_text() for output in outputs]
+    assert codes == [0, 0], texts
+    [summary] = [line for line in texts[0].splitlines() if line.startswith("cache ")]
+    assert summary.endswith(": 3 sources (3 entries): 3 built, 0 up to date, 0 failed")
+    assert not any(line.startswith("cache ") for line in texts[1].splitlines())  # task 1 prints no summary
+    pids = _builders(cache_dir, entries)
+    assert pids[0] == pids[2] != pids[1]

@@ -18,6 +18,7 @@ import torch
 from ignite.engine import Engine
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from local_paths import local_paths_in
 from volpre.config import load_config, shipped_configs
 from volpre.engine.checkpoint import CheckpointError, with_checksum
 from volpre.export import export_bundle, read_pretrained_encoder
@@ -28,6 +29,8 @@ from volpre.export.transforms import deterministic_transforms
 from volpre.export.weights import WeightsError, check_state_dict, load_strictly, read_state_dict
 from volpre.models import ResNet3DEncoder, build_encoder
 from volpre.objectives import build_pretrainer
+
+REPO = Path(__file__).resolve().parents[1]
 from volpre.versions import installed_versions
 
 SWIN_TINY = ("swin-dae-tiny", ())  # feature_size 12, window 4, 32^3 crops
@@ -314,9 +317,21 @@ def test_export_writes_a_complete_bundle(tmp_path, resnet_checkpoint, demo_manif
     readme = (out / "docs/README.md").read_text()
     assert "pretrained with the `dae` objective for\n  7 optimiser steps" in readme
     assert '"resnet": {"depth": 10}' in readme and '"swin"' not in readme
-    assert "ab" * 32 in readme and str(resnet_checkpoint.resolve()) in readme
-    assert f"--bundle_root {out.resolve()}" in readme and f"--manifest {demo_manifest.resolve()}" in readme
+    checkpoint_sha256 = hashlib.sha256(resnet_checkpoint.read_bytes()).hexdigest()
+    assert "manifest `manifest.json`, SHA-256 `" + "ab" * 32 in readme  # the recorded manifest: name and digest
+    assert f"checkpoint\n  `resnet.pt` (SHA-256 `{checkpoint_sha256}`" in readme
+    assert f"`{demo_manifest.name}`, key `manifest` of" in readme  # the manifest given at export, by name
+    assert "--bundle_root BUNDLE" in readme and "--manifest MANIFEST" in readme  # placeholders, no paths
+    assert str(tmp_path) not in readme and "/data/pretrain" not in readme
     assert "$" not in readme.replace("$torch.device", "")  # every template field was filled
+    # provenance as names and digests; the manifest path only in the two configs that read it
+    assert metadata["volpre_pretraining"]["checkpoint"] == {"file": "resnet.pt", "sha256": checkpoint_sha256}
+    assert metadata["volpre_pretraining"]["manifest"] == {"file": "manifest.json", "sha256": "ab" * 32}
+    assert train["bundle_root"] == inference["bundle_root"] == "."
+    assert inference["manifest"] == str(demo_manifest.resolve())
+    holding = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and str(demo_manifest.parent).encode()
+               in p.read_bytes()}
+    assert holding == {"configs/train.json", "configs/inference.json"}
 
 
 def test_export_arguments_are_checked(tmp_path, swin_checkpoint, resnet_checkpoint):
@@ -353,7 +368,35 @@ def test_survival_export_of_a_swin_encoder(tmp_path, swin_checkpoint):
     metadata = json.loads((out / "configs/metadata.json").read_text())
     jsonschema.validate(metadata, json.loads(SCHEMA_FILE.read_text()))
     assert metadata["network_data_format"]["outputs"]["pred"]["num_channels"] == 1
-    assert "--manifest /path/to/manifest.json" in (out / "docs/README.md").read_text()
+    readme = (out / "docs/README.md").read_text()
+    assert "This bundle was exported without one, so `--manifest` is required." in readme
+    assert "--manifest MANIFEST" in readme and "--bundle_root BUNDLE" in readme
+
+
+def test_a_bundle_exported_without_manifest_holds_no_local_path(tmp_path, swin_checkpoint, monkeypatch):
+    """Hospital folders carry patient names (``cohort_Doe_MRN123/``): nothing local may ship."""
+    private = tmp_path / "cohort_Doe_MRN123"
+    private.mkdir()
+    checkpoint = private / "last.pt"
+    state = torch.load(swin_checkpoint, weights_only=True)
+    state["manifest"] = {"path": str(private / "archive.json"), "sha256": "cd" * 32}
+    torch.save(state, checkpoint)
+    monkeypatch.chdir(private)
+    out = export_bundle(checkpoint, "survival", private / "bundle")
+    assert local_paths_in(out, [private, tmp_path, Path.home(), REPO]) == {}
+    metadata = json.loads((out / "configs/metadata.json").read_text())
+    assert metadata["volpre_pretraining"]["manifest"] == {"file": "archive.json", "sha256": "cd" * 32}
+    assert "archive.json (sha256 " + "cd" * 32 in metadata["data_source"]
+    for name in ("train.json", "inference.json"):
+        config = json.loads((out / "configs" / name).read_text())
+        assert config["bundle_root"] == "." and config["manifest"] is None
+
+
+def test_the_path_finder_finds_local_paths(tmp_path):
+    (tmp_path / "a.json").write_text('{"bundle_root": "/home/doe/bundle", "ckpt": "$@bundle_root + \'/models/x.pt\'"}')
+    (tmp_path / "b.pt").write_bytes(b"\x00\x01" + str(tmp_path / "x").encode() + b"\xff")
+    (tmp_path / "c.md").write_text("see https://github.com/Project-MONAI/MONAI/tree/dev and `models/model.pt`")
+    assert local_paths_in(tmp_path, [tmp_path]) == {"a.json": ["/home/doe/bundle"], "b.pt": [str(tmp_path)]}
 
 
 def test_templates_are_found_in_the_source_tree():
@@ -506,4 +549,5 @@ def test_export_killed_or_failing_half_way_leaves_no_bundle(tmp_path, resnet_che
     assert export_bundle(resnet_checkpoint, "segmentation", out, out_channels=2) == out  # the rerun works
     assert (out / "configs/metadata.json").is_file() and not list(tmp_path.glob(".bundle.tmp*"))
     train = json.loads((out / "configs/train.json").read_text())
-    assert train["bundle_root"] == str(out.resolve())  # names OUT, not the folder it was built in
+    assert train["bundle_root"] == "."  # MONAI's convention: no local path, neither OUT nor the build folder
+    assert not any(".bundle.tmp" in f.read_text() for f in out.rglob("*") if f.suffix in (".json", ".md"))

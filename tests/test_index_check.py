@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -182,8 +183,220 @@ def test_check_bad_manifest_is_a_usage_error(tmp_path):
 def test_modality_rules_by_path(tree, tmp_path, capsys):
     out = tmp_path / "m.json"
     index_paths([tree], out, modality=["nifti/*label*=SEG", "nifti/*=CT", "*.nrrd=MR"], progress=False)
-    by_name = {e.image[0].name: e.modality for e in load_manifest(out).entries}
+    manifest = load_manifest(out)
+    by_name = {e.image[0].name: e.modality for e in manifest.entries}
     assert by_name["ct.nii.gz"] == "CT" and by_name["ct_label.nii.gz"] == "SEG" and by_name["other.nrrd"] == "MR"
-    assert by_name["other.mha"] is None and by_name["study1"] == "CT"  # no rule; DICOM uses its header
+    assert by_name["study1"] == "CT"  # DICOM uses its header
+    sources = {e.image[0].name: e.modality_source for e in manifest.entries}
+    assert sources["study1"] == sources["mr"] == "dicom-header"
+    assert {sources[name] for name in ("ct.nii.gz", "ct_label.nii.gz", "other.nrrd")} == {"rule"}
+    # no rule matches other.mha, and nothing else decides its modality (uniform noise: 4.4% at air, under 5%)
+    reasons = {Path(r.path).name: r.reason for r in manifest.rejected}
+    assert "other.mha" not in by_name
+    assert reasons["other.mha"].startswith("modality: cannot decide: no JSON sidecar other.json; ")
+    assert "4.4% of voxels in [-1100, -900] HU" in reasons["other.mha"]
     assert main(["index", str(tree), "--out", str(out), "--quiet", "--modality", "ct"]) == 2
     assert "expected a DICOM modality code (CT, MR, PT, ...) or PATTERN=CODE" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- hostile trees
+
+
+@pytest.fixture
+def deny(monkeypatch):
+    """``deny(path)`` makes a file or folder unreadable: ``chmod 000`` for an ordinary user; as
+    root, who reads anything, the Python-level opens and folder listings volpre makes raise the
+    PermissionError the operating system would (its C readers are never reached: volpre opens a
+    file itself before handing it to one)."""
+    denied: set[str] = set()
+    chmodded: list[tuple[Path, int]] = []
+    if os.geteuid() == 0:
+        import builtins
+
+        real_open, real_scandir = builtins.open, os.scandir
+
+        def refuse(path):
+            if isinstance(path, (str, os.PathLike)) and os.fspath(path) in denied:
+                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+
+        def guarded_open(file, *args, **kwargs):
+            refuse(file)
+            return real_open(file, *args, **kwargs)
+
+        def guarded_scandir(path="."):
+            refuse(path)
+            return real_scandir(path)
+
+        monkeypatch.setattr(builtins, "open", guarded_open)
+        monkeypatch.setattr(os, "scandir", guarded_scandir)
+
+    def deny_path(path: Path) -> None:
+        if os.geteuid() == 0:
+            denied.add(str(path))
+        else:
+            chmodded.append((path, path.stat().st_mode))
+            path.chmod(0)
+
+    yield deny_path
+    for path, mode in chmodded:
+        path.chmod(mode)
+
+
+def test_index_rejects_what_it_cannot_read_with_the_true_reason_and_finishes(tmp_path, deny, capsys):
+    root = tmp_path / "archive"
+    (root / "ok").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(_volume(), AFFINE), root / "ok" / "ct.nii.gz")
+    (root / "loop").mkdir()
+    os.symlink("b.nii.gz", root / "loop" / "a.nii.gz")  # a -> b -> a
+    os.symlink("a.nii.gz", root / "loop" / "b.nii.gz")
+    os.symlink("missing.nii.gz", root / "loop" / "gone.nii.gz")
+    os.mkfifo(root / "loop" / "pipe.nii")  # would block whoever opens it: never opened
+    _write_sitk(root / "secret.nrrd", _volume(seed=1))
+    deny(root / "secret.nrrd")
+    (root / "locked").mkdir()
+    nib.save(nib.Nifti1Image(_volume(), AFFINE), root / "locked" / "hidden.nii.gz")
+    deny(root / "locked")
+    series = root / "series"
+    write_dicom_series(_volume(seed=2).astype(np.float32), AFFINE, series, modality="CT", patient_id="P9",
+                       rescale_intercept=-1024.0, file_names=[f"IM{i:04d}" for i in range(8)])
+    deny(series / "IM0003")  # suffix-less, as scanners write them
+
+    out = tmp_path / "m.json"
+    assert main(["index", str(root), "--out", str(out), "--quiet", "--modality", "CT"]) == 0
+    assert "indexed 14 files" in capsys.readouterr().out
+    manifest = load_manifest(out)
+    assert [e.image[0].name for e in manifest.entries] == ["ct.nii.gz"]
+    reasons = {r.path: r.reason for r in manifest.rejected}
+    assert reasons == {
+        "archive/locked": "unreadable: permission denied; folder not read",
+        "archive/loop/a.nii.gz": "unreadable: symbolic link loop (too many levels of symbolic links); file not followed",
+        "archive/loop/b.nii.gz": "unreadable: symbolic link loop (too many levels of symbolic links); file not followed",
+        "archive/loop/gone.nii.gz": "missing: broken symbolic link (its target does not exist); file not read",
+        "archive/secret.nrrd": "unreadable: permission denied; file not read",
+        "archive/series/IM0003": "unreadable: permission denied; file not read",
+        "archive/series": reasons["archive/series"],
+    }
+    assert reasons["archive/series"].startswith("dicom-series: DICOM series ")
+    assert "missing slices" in reasons["archive/series"]
+    assert reasons["archive/series"].endswith(
+        "(1 file(s) of this folder could not be read, e.g. IM0003: unreadable: permission denied; file not read; "
+        "missing slices may be among them)")
+
+
+def test_messages_quote_at_most_the_file_name_never_its_content(tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:Jane Doe MRN123:/root:/bin/bash\nmore\n")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("scan.nrrd", "scan.nhdr", "scan.nii", "scan.mha"):
+        os.symlink(secret, archive / name)
+    out = tmp_path / "m.json"
+    assert main(["index", str(archive), "--out", str(out), "--quiet", "--modality", "CT"]) == 0
+    reasons = {Path(r.path).name: r.reason for r in load_manifest(out).rejected}
+    assert sorted(reasons) == ["scan.mha", "scan.nhdr", "scan.nii", "scan.nrrd"]
+    assert reasons["scan.nrrd"].startswith("unreadable: not a readable nrrd file: ")
+    assert 'couldn\'t parse "..." as magic' in reasons["scan.nrrd"]
+    for reason in reasons.values():
+        assert "Doe" not in reason and "root:x" not in reason and str(tmp_path) not in reason and "secret" not in reason
+    # volpre check of an entry pointing at the link says the same, and nothing more
+    (tmp_path / "c.json").write_text(json.dumps({"entries": [{"image": "archive/scan.nrrd", "modality": "CT"}]}))
+    assert main(["check", str(tmp_path / "c.json"), "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "unreadable: not a readable nrrd file" in printed and "Doe" not in printed and "root:x" not in printed
+
+
+def test_control_characters_from_manifests_and_file_names_are_escaped(tmp_path, capsys):
+    evil_id = "\x1b]0;pwned\x07case\x1b[2J"
+    (tmp_path / "m.json").write_text(json.dumps({"entries": [{"image": "absent.nii.gz", "id": evil_id,
+                                                              "modality": "CT"}]}))
+    assert main(["check", str(tmp_path / "m.json"), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert out.startswith("\\x1b]0;pwned\\x07case\\x1b[2J: ")
+    # a file name with a terminal escape and a newline, undecided modality: reported escaped
+    folder = tmp_path / "tree"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), AFFINE), folder / "x\x1b[31m\ny.nii.gz")
+    assert main(["index", str(folder), "--out", str(tmp_path / "i.json"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.startswith("tree/x\\x1b[31m\\ny.nii.gz: modality: cannot decide: ")
+    # the one-line errors of the command line too
+    assert main(["index", str(tmp_path / "no\x1b]0;x\x07such"), "--out", str(tmp_path / "j.json")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "no\\x1b]0;x\\x07such: no such file or folder" in err
+
+
+# ----------------------------------------------------------------------------- splits, workers, progress
+
+
+def test_unknown_splits_are_errors_naming_the_splits_the_manifest_has(demo_manifest, tmp_path, capsys):
+    assert main(["check", str(demo_manifest), "--split", "tran", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"volpre check: error: --split: unknown split 'tran'; manifest {demo_manifest} has splits "
+                          "test (")
+    assert "train (" in err and "val (" in err
+    for splits in ("tran", "train,tset"):
+        assert main(["pretrain", "--config", "resnet-dae-tiny", "--manifest", str(demo_manifest), "--output",
+                     str(tmp_path / "run"), "--splits", splits, "--max-steps", "1"]) == 2
+        err = capsys.readouterr().err
+        wrong = "'tran'" if splits == "tran" else "'tset'"
+        assert err.startswith(f"volpre pretrain: error: --splits: unknown split {wrong}; manifest ") and "train (" in err
+    assert main(["pretrain", "--config", "resnet-dae-tiny", "--manifest", str(demo_manifest), "--output",
+                 str(tmp_path / "run"), "--splits", ","]) == 2
+    assert "--splits: got ','; expected comma-separated split names" in capsys.readouterr().err
+    assert main(["cache", str(demo_manifest), "--config", "resnet-dae-tiny", "--split", "tran"]) == 2
+    assert "--split: unknown split 'tran'" in capsys.readouterr().err
+
+
+def test_workers_give_the_same_manifest_and_the_same_report(tree, tmp_path, capsys):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main(["index", str(tree), "--out", str(one), "--quiet", "--modality", "CT"]) == 0
+    assert main(["index", str(tree), "--out", str(two), "--quiet", "--modality", "CT", "--workers", "2"]) == 0
+    assert one.read_text() == two.read_text()
+    capsys.readouterr()
+    assert main(["check", str(one), "--quiet"]) == 1
+    serial = capsys.readouterr().out
+    assert main(["check", str(one), "--quiet", "--workers", "2"]) == 1
+    assert capsys.readouterr().out == serial
+    assert main(["check", str(one), "--workers", "-1"]) == 2
+    assert "--workers must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tree, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["index", str(tree), "--out", str(out), "--modality", "CT", "--progress-every", "1e-9"]) == 0
+    err = capsys.readouterr().err  # not a terminal: lines, no bar
+    lines = [line for line in err.splitlines() if line.startswith("indexing: ")]
+    assert len(lines) >= 2 and "\r" not in err
+    assert lines[-1].startswith("indexing: 33 files, ") and "files/s" in lines[-1]
+    assert main(["check", str(out), "--progress-every", "1e-9"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("checking: ")]
+    assert lines[0].startswith("checking: 1/8 entries (12.5%), ")
+    assert lines[-1].startswith("checking: 8/8 entries (100.0%), ") and lines[-1].endswith("; 1 with problems")
+    assert len(lines) == 8
+    assert main(["check", str(out), "--progress-every", "0"]) == 2
+    assert "--progress-every must be > 0 seconds, got 0.0" in capsys.readouterr().err
+
+
+def test_progress_prints_a_line_every_interval():
+    import io
+
+    from volpre.progress import Progress
+
+    now = [0.0]
+    stream = io.StringIO()
+    meter = Progress("checking", "entry", total=100, stream=stream, every=30, clock=lambda: now[0])
+    for _ in range(100):
+        now[0] += 1.0
+        meter.update(1, with_problems=2)
+    meter.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == ("checking: 30/100 entries (30.0%), 1.0 entries/s, 30 s elapsed, about 70 s left; "
+                        "2 with problems")
+    assert [line.split(" ")[1] for line in lines] == ["30/100", "60/100", "90/100", "100/100"]
+    quiet = io.StringIO()
+    short = Progress("indexing", "file", stream=quiet, every=30, clock=lambda: 0.0)
+    short.update(5)
+    short.close()
+    assert quiet.getvalue() == ""  # a run shorter than the interval prints nothing

@@ -135,3 +135,46 @@ def test_decathlon_errors(tmp_path):
 
 def test_in_memory_manifest_has_no_path():
     assert Manifest(entries=[]).path is None
+
+
+def test_survival_fields_and_spacing_must_be_finite(tmp_path):
+    """Python's json reads NaN and Infinity; JSON Schema's minimum lets both through."""
+    m = tmp_path / "m.json"
+    m.write_text('{"entries": [{"image": "a", "time": Infinity, "event": 1},\n'
+                 ' {"image": "b", "time": 3, "event": 0, "covariates": {"age": NaN, "dose": -Infinity, "ok": 1}},\n'
+                 ' {"image": "c", "spacing": [1, 1e999, 2]}]}')
+    with pytest.raises(ManifestError) as info:
+        load_manifest(m)
+    assert str(info.value).splitlines() == [
+        f"manifest {m}: entries[0].time: Infinity is not a finite number",
+        f"manifest {m}: entries[1].covariates.age: NaN is not a finite number",
+        f"manifest {m}: entries[1].covariates.dose: -Infinity is not a finite number",
+        f"manifest {m}: entries[2].spacing: Infinity is not a finite number",
+    ]
+
+
+def test_check_refuses_a_manifest_with_an_infinite_time(tmp_path):
+    import sys
+
+    from child_processes import run_command
+
+    m = tmp_path / "m.json"
+    m.write_text('{"entries": [{"image": "a.nii.gz", "modality": "CT", "time": Infinity, "event": 1}]}')
+    proc = run_command([sys.executable, "-m", "volpre", "check", str(m)], timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == f"volpre check: error: manifest {m}: entries[0].time: Infinity is not a finite number\n"
+
+
+def test_select_splits_names_the_splits_the_manifest_has(tmp_path):
+    m = _write(tmp_path / "m.json", {"entries": [{"image": "a", "split": "train"}, {"image": "b", "split": "train"},
+                                                 {"image": "c", "split": "val"}, {"image": "d"}]})
+    manifest = load_manifest(m)
+    assert [e.id for e in manifest.select_splits(["val", "train"])] == ["a", "b", "c"]
+    assert len(manifest.select_splits(None)) == 4
+    with pytest.raises(ManifestError) as info:
+        manifest.select_splits(["train", "tset"])
+    assert str(info.value) == (f"--splits: unknown split 'tset'; manifest {m} has splits train (2 entries), "
+                               "val (1 entry) and 1 entry without a split")
+    unsplit = load_manifest(_write(tmp_path / "u.json", {"entries": [{"image": "a"}]}))
+    with pytest.raises(ManifestError, match=r"--split: unknown split 'train'; manifest .*u.json has no splits"):
+        unsplit.select_splits(["train"], option="--split")

@@ -20,11 +20,25 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- data
 
 
+def _check_workers(workers: int) -> int:
+    if workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    return workers
+
+
+def _check_interval(seconds: float) -> float:
+    if not seconds > 0:
+        raise UserError(f"--progress-every must be > 0 seconds, got {seconds}")
+    return seconds
+
+
 def _cmd_index(args: argparse.Namespace) -> int:
     from volpre.data.index import index_paths
 
     try:
-        summary = index_paths(args.paths, args.out, modality=args.modality, progress=not args.quiet)
+        summary = index_paths(args.paths, args.out, modality=args.modality, progress=not args.quiet,
+                              workers=_check_workers(args.workers),
+                              progress_every=_check_interval(args.progress_every))
     except ValueError as error:
         raise UserError(str(error)) from error
     print(summary.describe())
@@ -32,16 +46,23 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from volpre.data.check import check_entries
     from volpre.data.manifest import load_manifest
+    from volpre.progress import Progress
 
     manifest = load_manifest(args.manifest)
-    entries = manifest.entries if args.split is None else manifest.by_split(args.split)
-    bar = tqdm(total=len(entries), unit="entry", disable=args.quiet or not sys.stderr.isatty(), file=sys.stderr)
-    report = check_entries(entries, on_problem=lambda p: print(p.line(), flush=True), on_entry=bar.update)
-    bar.close()
+    entries = manifest.select_splits(None if args.split is None else [args.split], option="--split")
+    meter = Progress("checking", "entry", total=len(entries), every=_check_interval(args.progress_every),
+                     enabled=not args.quiet)
+    bad: set[str] = set()
+
+    def show(problem) -> None:
+        bad.add(problem.entry_id)
+        print(problem.line(), flush=True)
+
+    report = check_entries(entries, on_problem=show, on_entry=lambda: meter.update(1, with_problems=len(bad)),
+                           workers=_check_workers(args.workers))
+    meter.close()
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -71,26 +92,45 @@ def _cmd_manifest_to_decathlon(args: argparse.Namespace) -> int:
     return 0
 
 
+CACHE_COLLECTIVE_TIMEOUT_H = 24
+"""How long ranks that finished their share of ``volpre cache`` wait for the slowest one."""
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
+    import datetime
+
     from volpre.config import load_config
-    from volpre.data.cache import VolumeCache, build_cache, cache_dir_for
+    from volpre.data.cache import CacheReport, VolumeCache, build_cache, cache_dir_for
     from volpre.data.manifest import load_manifest
+    from volpre.engine.distributed import gather_objects, patient_group, setup_distributed, teardown_distributed
+    from volpre.progress import Progress
 
     cfg = load_config(args.config, args.overrides)
     manifest = load_manifest(args.manifest)
-    entries = manifest.entries if args.split is None else manifest.by_split(args.split)
+    entries = manifest.select_splits(None if args.split is None else [args.split], option="--split")
+    workers = _check_workers(cfg.data.num_workers if args.workers is None else args.workers)
+    every = _check_interval(args.progress_every)
     cache = VolumeCache.create(cache_dir_for(cfg.data, args.manifest), cfg.preprocess)
-    workers = cfg.data.num_workers if args.workers is None else args.workers
-    if workers < 0:
-        raise UserError(f"--workers must be >= 0, got {workers}")
+    # one process, or one rank of many (torchrun, SLURM): each builds its own share of the sources
+    ctx = setup_distributed("cpu")
+    try:
+        finish_line = patient_group(ctx, datetime.timedelta(hours=CACHE_COLLECTIVE_TIMEOUT_H))
+        what = "caching" if ctx.world_size == 1 else f"caching (rank {ctx.rank} of {ctx.world_size})"
+        meter = Progress(what, "source", every=every, enabled=not args.quiet)
 
-    def show(result) -> None:
-        if hasattr(result, "line"):
-            print(result.line(), flush=True)
+        def show(result) -> None:
+            if hasattr(result, "line"):
+                print(result.line(), flush=True)
 
-    report = build_cache(entries, cache, workers, on_result=show)
-    print(report.summary())
-    return 0 if report.ok else 1
+        report = build_cache(entries, cache, workers, on_result=show, rank=ctx.rank, world_size=ctx.world_size,
+                             progress=meter)
+        meter.close()
+        merged = CacheReport.merge(gather_objects(ctx, report, group=finish_line))
+    finally:
+        teardown_distributed(ctx)
+    if ctx.is_main:
+        print(merged.summary())
+    return 0 if merged.ok else 1
 
 
 # ----------------------------------------------------------------------------- training
@@ -105,7 +145,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides) if args.config is not None else None
     if cfg is None and args.overrides:
         raise UserError("key=value overrides need --config (with --resume, give the run's config too)")
-    splits = tuple(args.splits.split(",")) if args.splits else None
+    splits = None
+    if args.splits is not None:
+        splits = tuple(name.strip() for name in args.splits.split(",") if name.strip())
+        if not splits:
+            raise UserError(f"--splits: got {args.splits!r}; expected comma-separated split names, e.g. train,val")
     init = None if args.init is None else (args.init, args.init_format)
     if init is None and args.init_format != "auto":
         raise UserError("--init-format names the layout of an --init file; give --init PATH")
@@ -268,6 +312,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _add_progress_options(p: argparse.ArgumentParser, each: str = "") -> None:
+    p.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help=f"when stderr is not a terminal (a batch job's log), a progress line {each}this often "
+                   "(default 30); on a terminal, a progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="volpre",
@@ -280,23 +331,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="walk folders and write a manifest (one entry per volume or DICOM series)",
                        description="Walk folders of NIfTI/NRRD/MetaImage files and DICOM studies; write a manifest "
                        "with one entry per volume file or DICOM series (shape and spacing from headers; no pixel "
-                       "reads for DICOM) and the files it could not use, with reasons.")
+                       "reads for DICOM; the modality of other files from --modality rules, their JSON sidecar, "
+                       "BIDS suffix or header, else their voxel values) and the files it could not use, with "
+                       "reasons: unreadable files and folders, link loops, broken links, damaged headers, files "
+                       "whose modality nothing decides. None of them stops the index.")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="folders or files to index")
     p.add_argument("--out", required=True, type=Path, help="manifest to write (JSON)")
     p.add_argument("--modality", action="append", metavar="CODE|PATTERN=CODE",
-                   help="modality of non-DICOM files (DICOM series use their header): a code for all of them "
+                   help="modality of non-DICOM files, overriding what volpre decides from their JSON sidecar "
+                   "(dcm2niix, BIDS), BIDS suffix (_T1w, _ct, ...), NRRD/MetaImage header or, last, voxel values "
+                   "(air at -1000 HU means CT); DICOM series use their header. A code for all of them "
                    "(--modality CT), or rules matched against the path inside PATH, first match wins "
-                   "(--modality '*/ct*=CT' --modality '*/mr*=MR')")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   "(--modality '*/ct*=CT' --modality '*/mr*=MR'). Files nothing decides are rejected with "
+                   "the reason")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes indexing folders in parallel (default 0: this process)")
+    _add_progress_options(p)
     p.set_defaults(run=_cmd_index)
 
     p = sub.add_parser("check", help="open every manifest entry and report problems (exit 1 if any)",
                        description="Read every image and label of a manifest with all checks; print one line per "
                        "problem (entry id, file, cause), then a summary. Exit status 0 if all entries are good, "
-                       "1 if any has a problem.")
+                       "1 if any has a problem, 2 if the manifest itself is bad (schema, non-finite numbers, "
+                       "unknown --split).")
     p.add_argument("manifest", type=Path)
-    p.add_argument("--split", help="check only entries of this split")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--split", help="check only entries of this split (an error if no entry has it)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes reading entries in parallel (default 0: this process)")
+    _add_progress_options(p)
     p.set_defaults(run=_cmd_check)
 
     p = sub.add_parser("demo-data", help="write the small deterministic demo dataset and its manifest",
@@ -326,14 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "crop, MR z-score) once per volume of a manifest and store it where pretraining reads its "
                        "random crops from (data.cache_dir; default: .volpre_cache beside the manifest). Existing "
                        "entries are verified in full; missing, stale (source, config or version changed) and "
-                       "corrupt ones are rebuilt. `volpre pretrain` does the same on first use of each volume. "
-                       "Exit status 1 if a source is bad data; a cache that cannot be written (full disk, quota, "
-                       "read-only filesystem) stops at once with one line, exit status 2.")
+                       "corrupt ones are rebuilt, so a relaunch after a kill builds only what is missing. "
+                       "`volpre pretrain` does the same on first use of each volume. Under torchrun (one node or "
+                       "many: `torchrun --nnodes N --nproc_per_node P -m volpre cache ...`) or SLURM (srun, one "
+                       "task per process) the ranks split the sources between them, each built exactly once, "
+                       "and rank 0 prints one summary; every node must see the same cache folder. Exit status 1 "
+                       "if a source is bad data; a cache that cannot be written (full disk, quota, read-only "
+                       "filesystem) stops at once with one line, exit status 2.")
     p.add_argument("manifest", type=Path)
     p.add_argument("--config", required=True, help="shipped config name or a YAML path (its preprocess and data "
                    "sections apply)")
-    p.add_argument("--workers", type=int, help="processes building entries (default: data.num_workers)")
-    p.add_argument("--split", help="cache only entries of this split")
+    p.add_argument("--workers", type=int, help="processes building entries, per rank (default: data.num_workers)")
+    p.add_argument("--split", help="cache only entries of this split (an error if no entry has it)")
+    _add_progress_options(p, "per rank ")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cache_dir=/scratch/c")
     p.set_defaults(run=_cmd_cache)
 
@@ -356,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics.jsonl and the checkpoints")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--splits", help="comma-separated manifest splits to pretrain on (default: every entry; with "
-                   "--resume: the run's own)")
+                   "--resume: the run's own); a split no entry has is an error")
     p.add_argument("--init", type=Path, metavar="PATH", help="start the encoder from these weights (loaded strictly): "
                    "a volpre checkpoint, a volpre bundle (folder or models/pretrained_encoder.pt), MedicalNet "
                    "resnet_N_23dataset.pth (MONAI research-contributions' model_swinvit.pt is recognised and refused: "
@@ -371,18 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build a MONAI bundle that fine-tunes the checkpoint's encoder: SwinUNETR (Swin "
                        "encoders) or FlexibleUNet (ResNet encoders) for segmentation, SurvivalNet for survival. The "
                        "encoder weights are mapped to MONAI key names and loaded strictly (weights holding NaN or "
-                       "Inf are refused); the bundle runs with `python -m monai.bundle run` (see DIR/docs/README.md). "
-                       "It is built beside DIR and renamed onto it when complete: an interrupted export leaves no "
-                       "DIR. With --task nnunet (checkpoints of the nnunet encoder): write FILE.pth for "
-                       "`nnUNetv2_train ... -pretrained_weights FILE.pth` and FILE.md with the exact command.")
+                       "Inf are refused); the bundle runs with `python -m monai.bundle run --bundle_root DIR ...` "
+                       "(see DIR/docs/README.md). It is built beside DIR and renamed onto it when complete: an "
+                       "interrupted export leaves no DIR. The bundle holds no local path: provenance as file names "
+                       "and SHA-256 digests, bundle_root '.' (MONAI's convention), and a manifest path only if "
+                       "--manifest is given. With --task nnunet (checkpoints of the nnunet encoder): write FILE.pth "
+                       "for `nnUNetv2_train ... -pretrained_weights FILE.pth` and FILE.md with the exact command.")
     p.add_argument("checkpoint", type=Path, help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
     p.add_argument("--task", required=True, choices=["segmentation", "survival", "nnunet"])
     p.add_argument("--out", required=True, type=Path, help="bundle folder to create (must not exist or be empty); "
                    "--task nnunet: the weights file to create (FILE.pth; FILE.md is written beside it)")
     p.add_argument("--network", choices=["swinunetr", "flexibleunet", "survivalnet"],
                    help="default: the one fitting the task and the checkpoint's encoder")
-    p.add_argument("--manifest", type=Path, help="manifest the bundle fine-tunes on by default "
-                   "(its entries' split: train/val/test); override at run time with --manifest")
+    p.add_argument("--manifest", type=Path, help="manifest the bundle fine-tunes on by default (its entries' "
+                   "split: train/val/test), written as an absolute path into train.json and inference.json; "
+                   "leave it out for a bundle to share (runs then pass --manifest)")
     p.add_argument("--modality", choices=["CT", "MR"], help="entries and preset the bundle uses (default CT)")
     p.add_argument("--out-channels", type=int, help="segmentation: number of classes including background")
     p.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"),
@@ -517,13 +587,35 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    _log_printably()
     try:
         return int(args.run(args) or 0)
     except Exception as error:
         if not isinstance(error, _user_error_types()):
             raise
-        print(f"volpre {args.command}: error: {error}", file=sys.stderr)
+        from volpre.text import printable_lines
+
+        print(printable_lines(f"volpre {args.command}: error: {error}"), file=sys.stderr)
         return 2
+
+
+def _log_printably() -> None:
+    """Warnings go to stderr as Python's last-resort handler writes them, with control characters
+    in them escaped (they quote entry ids and file names); nothing changes where logging is set up."""
+    import logging
+
+    from volpre.text import printable_lines
+
+    class PrintableFormatter(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            return printable_lines(super().format(record))
+
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(PrintableFormatter())
+        root.addHandler(handler)
 
 
 if __name__ == "__main__":

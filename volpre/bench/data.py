@@ -55,6 +55,7 @@ from volpre.config import DataConfig, PreprocessConfig, RunConfig
 from volpre.data.cache import CachedCrops, VolumeCache, build_cache, entries_to_cache
 from volpre.data.dataset import PretrainDataset, VolumeGroups, crop_loader
 from volpre.data.manifest import ManifestEntry, load_manifest
+from volpre.text import printable
 from volpre.versions import installed_versions
 
 PIPELINES = ("reference", "persistent", "volpre_cold", "volpre_warm")
@@ -225,7 +226,7 @@ def run_data_bench(manifest_path: Path, cfg: RunConfig, roi: tuple[int, int, int
         raise BenchError(f"manifest {manifest_path}: no CT entry stored as one NIfTI file to benchmark "
                          f"({len(skipped)} other entries)")
     if skipped:
-        say(f"skipping {len(skipped)} entries that are not CT in one NIfTI file (e.g. {skipped[0].id})")
+        say(f"skipping {len(skipped)} entries that are not CT in one NIfTI file (e.g. {printable(skipped[0].id)})")
     data = dataclasses.replace(cfg.data, roi=tuple(roi), num_workers=workers)
     sources = list(entries_to_cache(entries))
     _read_once([e.image[0] for e in sources])

@@ -99,6 +99,8 @@ from volpre.data.transforms import (
     window_transform,
 )
 from volpre.files import describe_write_error
+from volpre.progress import Progress
+from volpre.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -547,11 +549,18 @@ class CacheReport:
         """Bytes the stored voxels take uncompressed (2 per voxel: int16 CT, float16 MR)."""
         return 2 * sum(s.voxels for s in self.statuses)
 
+    @classmethod
+    def merge(cls, reports: Sequence[CacheReport]) -> CacheReport:
+        """One report for the shards of one manifest that several ranks built (:func:`build_cache`)."""
+        first = reports[0]
+        return cls(first.directory, first.n_entries, [s for r in reports for s in r.statuses],
+                   [f for r in reports for f in r.failures], sum(r.removed_temporaries for r in reports))
+
     def summary(self) -> str:
         built = sum(s.built for s in self.statuses)
         n_sources = len(self.statuses) + len(self.failures)
         lines = [
-            f"cache {self.directory}: {n_sources} sources ({self.n_entries} entries): {built} built, "
+            f"cache {printable(self.directory)}: {n_sources} sources ({self.n_entries} entries): {built} built, "
             f"{len(self.statuses) - built} up to date, {len(self.failures)} failed",
             f"{self.file_bytes / 2**20:.1f} MiB on disk for {self.int16_bytes / 2**20:.1f} MiB of voxels at 2 bytes "
             f"each ({self.file_bytes / max(self.int16_bytes, 1):.2f}x)",
@@ -589,25 +598,47 @@ def _as_is(item):
     return item
 
 
+def shard(sources: Sequence[ManifestEntry], rank: int, world_size: int) -> list[ManifestEntry]:
+    """The sources rank ``rank`` of ``world_size`` builds: every ``world_size``-th, from the ``rank``-th.
+
+    Every rank computes the same ``sources`` from the same manifest, so the shards are disjoint
+    and together hold every source: each is built exactly once.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    return list(sources[rank::world_size])
+
+
 def build_cache(entries: Sequence[ManifestEntry], cache: VolumeCache, workers: int,
-                on_result: Callable[[EntryStatus | EntryProblem], None] | None = None) -> CacheReport:
-    """Make every distinct source of ``entries`` a valid cache entry, ``workers`` processes at a time.
+                on_result: Callable[[EntryStatus | EntryProblem], None] | None = None,
+                rank: int = 0, world_size: int = 1, progress: Progress | None = None) -> CacheReport:
+    """Make every distinct source of ``entries`` (of this rank's :func:`shard`) a valid cache
+    entry, ``workers`` processes at a time.
 
     Existing entries are read in full (every chunk checksum verified); missing, stale or corrupt
-    ones are built. Temporary files left by killed builders are removed first. A source that is
-    bad data becomes a failure in the report; a cache that cannot be written raises
-    :class:`CacheError` at once (the entries built so far stay valid).
+    ones are built, so after a killed run (or rank) a relaunch builds only what is missing.
+    Temporary files left by killed builders are removed first. A source that is bad data becomes a
+    failure in the report; a cache that cannot be written raises :class:`CacheError` at once (the
+    entries built so far stay valid). Several ranks (torchrun, SLURM) each call this with their
+    ``rank``; :meth:`CacheReport.merge` joins their reports. ``progress`` counts this rank's
+    sources as they are done.
     """
     removed = cache.remove_stale_temporaries()
-    sources = list(entries_to_cache(entries))
+    sources = shard(list(entries_to_cache(entries)), rank, world_size)
+    if progress is not None:
+        progress.total = len(sources)
     loader = torch.utils.data.DataLoader(_EnsureEach(cache, sources), batch_size=None, shuffle=False,
                                          num_workers=workers, collate_fn=_as_is)
     statuses: list[EntryStatus] = []
     failures: list[EntryProblem] = []
+    built = 0
     for result in loader:
         if isinstance(result, StopRun):
             raise result.error
         (statuses if isinstance(result, EntryStatus) else failures).append(result)
+        built += isinstance(result, EntryStatus) and result.built
         if on_result is not None:
             on_result(result)
+        if progress is not None:
+            progress.update(1, built=built, failed=len(failures))
     return CacheReport(cache.directory, len(entries), statuses, failures, removed)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from volpre.text import printable
+
 ERROR_KINDS: tuple[str, ...] = (
     "missing",  # the path does not exist
     "unreadable",  # unknown format, garbage, or a library could not parse it
@@ -70,8 +72,8 @@ class EntryProblem:
         return cls(entry_id, error.path, error.kind, error.reason)
 
     def line(self) -> str:
-        """``entry id: file: kind: reason`` (one line per problem)."""
-        return f"{self.entry_id}: {self.path}: {self.kind}: {self.reason}"
+        """``entry id: file: kind: reason`` (one line per problem; control characters escaped)."""
+        return ": ".join(printable(part) for part in (self.entry_id, self.path, self.kind, self.reason))
 
 
 class CacheError(OSError):

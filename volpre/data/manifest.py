@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import jsonschema
 
@@ -38,6 +39,16 @@ FORMAT_VERSION = 1
 
 # Split names the bundles and the evaluation read; other names are allowed and left alone.
 TRAIN, VAL, TEST = "train", "val", "test"
+
+MODALITY_SOURCES: dict[str, str] = {
+    "dicom-header": "the DICOM series' Modality (0008,0060)",
+    "rule": "a --modality rule of volpre index",
+    "json-sidecar": "the Modality field of the JSON sidecar beside the file (dcm2niix, BIDS)",
+    "bids-suffix": "the BIDS suffix of the file name (_T1w, _T2w, _FLAIR, _ct, ...)",
+    "image-header": "the modality field of the NRRD/MetaImage header",
+    "voxel-values": "the voxel values (air at -1000 HU: calibrated CT)",
+}
+"""Values of an entry's ``modality_source`` -> what decided its modality (see :mod:`volpre.data.modality`)."""
 
 
 class ManifestError(ValueError):
@@ -58,6 +69,8 @@ class ManifestEntry:
     modality: str | None = None
     sequence: str | None = None
     """MR sequence (``T1``, ``T1CE``, ``T2``, ``FLAIR``, ...), when known."""
+    modality_source: str | None = None
+    """How ``modality`` was decided (``volpre index`` records it; see :data:`MODALITY_SOURCES`)."""
     label: Path | None = None
     time: float | None = None
     event: int | None = None
@@ -108,6 +121,39 @@ class Manifest:
     def by_split(self, split: str) -> list[ManifestEntry]:
         return [e for e in self.entries if e.split == split]
 
+    def splits(self) -> list[str]:
+        """The distinct ``split`` values of the entries, sorted."""
+        return sorted({e.split for e in self.entries if e.split is not None})
+
+    def select_splits(self, splits: Iterable[str] | None, option: str = "--splits") -> list[ManifestEntry]:
+        """The entries of ``splits`` (every entry when None), in manifest order.
+
+        Raises:
+            ManifestError: a name in ``splits`` that no entry has (a typo like ``tran`` would
+                otherwise select nothing, or silently less), naming the splits the manifest has.
+        """
+        if splits is None:
+            return list(self.entries)
+        wanted = list(splits)
+        unknown = [s for s in wanted if s not in self.splits()]
+        if unknown or not wanted:
+            raise ManifestError(f"{option}: {self.describe_splits(unknown or [''])}")
+        chosen = set(wanted)
+        return [e for e in self.entries if e.split in chosen]
+
+    def describe_splits(self, unknown: Sequence[str]) -> str:
+        """``unknown split 'tran'; manifest M has splits train (3 entries), val (1 entry)``."""
+        names = ", ".join(repr(s) for s in unknown)
+        where = f"manifest {self.path}" if self.path is not None else "the manifest"
+        counts = {s: sum(e.split == s for e in self.entries) for s in self.splits()}
+        unsplit = sum(e.split is None for e in self.entries)
+        has = ", ".join(f"{s} ({n} {'entry' if n == 1 else 'entries'})" for s, n in counts.items())
+        text = f"unknown split {names}; {where} has splits {has}" if counts else (
+            f"unknown split {names}; {where} has no splits (no entry sets 'split')")
+        if counts and unsplit:
+            text += f" and {unsplit} {'entry' if unsplit == 1 else 'entries'} without a split"
+        return text
+
 
 # ----------------------------------------------------------------------------- reading
 
@@ -125,10 +171,34 @@ def validate_manifest_json(data: Any, path: Path) -> None:
     """Raise ManifestError listing every schema violation in ``data`` (at most 20)."""
     validator = jsonschema.Draft202012Validator(_schema())
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        lines = [_format_schema_error(path, e) for e in errors[:20]]
-        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ManifestError("\n".join(lines) + more)
+    lines = [_format_schema_error(path, e) for e in errors] + _non_finite_numbers(data, path)
+    if lines:
+        more = f"\n... and {len(lines) - 20} more" if len(lines) > 20 else ""
+        raise ManifestError("\n".join(lines[:20]) + more)
+
+
+def _non_finite_numbers(data: Any, path: Path) -> list[str]:
+    """One line per NaN or infinite number in the entries (JSON Schema's ``number`` admits them).
+
+    Python's ``json`` reads the non-standard literals ``NaN``, ``Infinity`` and ``-Infinity``
+    (and overflows like ``1e999`` to infinity); a survival time of ``Infinity`` or a ``NaN``
+    covariate would pass every ``minimum`` check and poison the Cox loss and the C-index.
+    """
+    entries = data.get("entries") if isinstance(data, dict) else None
+    lines = []
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, dict):
+            continue
+        values = [(key, entry.get(key)) for key in ("time", "spacing")]
+        covariates = entry.get("covariates")
+        if isinstance(covariates, dict):
+            values += [(f"covariates.{name}", value) for name, value in covariates.items()]
+        for key, value in values:
+            for number in value if isinstance(value, list) else [value]:
+                if isinstance(number, float) and not math.isfinite(number):
+                    where = f"entries[{i}].{key}"
+                    lines.append(f"manifest {path}: {where}: {json.dumps(number)} is not a finite number")
+    return lines
 
 
 def _resolve(base_dir: Path, value: str) -> Path:
@@ -151,6 +221,7 @@ def _entry_from_json(item: dict[str, Any], base_dir: Path) -> ManifestEntry:
         subject=item.get("subject"),
         modality=item.get("modality"),
         sequence=item.get("sequence"),
+        modality_source=item.get("modality_source"),
         label=_resolve(base_dir, item["label"]) if "label" in item else None,
         time=float(item["time"]) if "time" in item else None,
         event=int(item["event"]) if "event" in item else None,
@@ -206,7 +277,8 @@ def relative_path(path: Path, base_dir: Path | None) -> str:
 def _entry_to_json(entry: ManifestEntry, base_dir: Path | None) -> dict[str, Any]:
     images = [relative_path(p, base_dir) for p in entry.image]
     out: dict[str, Any] = {"image": images[0] if len(images) == 1 else images, "id": entry.id}
-    for key in ("subject", "modality", "sequence", "time", "event", "covariates", "split", "series_uid"):
+    for key in ("subject", "modality", "sequence", "modality_source", "time", "event", "covariates", "split",
+                "series_uid"):
         value = getattr(entry, key)
         if value is not None:
             out[key] = value

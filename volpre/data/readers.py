@@ -81,7 +81,8 @@ class VolumeHeader:
     affine: np.ndarray
     """float64 4x4, voxel index -> world RAS mm (read-only)."""
     modality: str | None
-    """DICOM Modality; ``None`` for other formats."""
+    """DICOM Modality; for NRRD/MetaImage the modality code its header states (an NRRD key-value
+    pair ``modality:=CT``, a MetaImage ``Modality = MET_MOD_CT``), if any; else ``None``."""
     series_uid: str | None
     """DICOM SeriesInstanceUID; ``None`` for other formats."""
     n_frames: int
@@ -127,7 +128,7 @@ def read_header(path: str | os.PathLike[str], *, series_uid: str | None = None) 
         _reject_series_uid(path, fmt, series_uid)
         source = _open_file(path, fmt)
         affine, shape = ras_grid(source.affine, source.shape)
-        modality, uid, n_frames = None, None, source.n_frames
+        modality, uid, n_frames = source.header_modality, None, source.n_frames
     affine = np.array(affine, dtype=np.float64)
     affine.setflags(write=False)
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
@@ -175,6 +176,8 @@ def read_volume(path: str | os.PathLike[str], *, series_uid: str | None = None,
         source = _open_file(path, fmt)
         data = source.read(_frame_index(path, source, frame))
         affine = source.affine
+        if source.header_modality is not None:
+            meta["modality"] = source.header_modality
     _check_finite(path, data)
     data, affine = reorient_to_ras(data, affine)
     meta["space"] = "RAS"
@@ -261,6 +264,7 @@ class _FileSource(Protocol):
     shape: tuple[int, int, int]  # native spatial shape
     n_frames: int
     has_frame_axis: bool
+    header_modality: str | None  # the header's own modality field, as written (see VolumeHeader.modality)
 
     def read(self, frame: int | None) -> np.ndarray:
         """float32 voxels of ``shape`` (of ``frame`` for a 4D image)."""
@@ -278,11 +282,12 @@ class _NiftiSource:
         try:
             self.image = nib.load(path, mmap=False)
         except EOFError as exc:
-            raise VolumeError(path, "truncated", f"compressed file ends inside the NIfTI header: {exc}") from exc
+            raise VolumeError(path, "truncated", f"compressed file ends inside the NIfTI header: "
+                                                 f"{_library_message(exc, path)}") from exc
         except (gzip.BadGzipFile, zlib.error) as exc:
-            raise VolumeError(path, "unreadable", f"corrupt compressed data: {exc}") from exc
+            raise VolumeError(path, "unreadable", f"corrupt compressed data: {_library_message(exc, path)}") from exc
         except Exception as exc:
-            raise VolumeError(path, "unreadable", f"not a readable NIfTI file: {exc}") from exc
+            raise VolumeError(path, "unreadable", f"not a readable NIfTI file: {_library_message(exc, path)}") from exc
         if not isinstance(self.image, (nib.Nifti1Image, nib.Nifti2Image)):
             raise VolumeError(path, "unreadable", f"nibabel reads it as {type(self.image).__name__}; expected NIfTI")
         header = self.image.header
@@ -300,6 +305,7 @@ class _NiftiSource:
         self.shape = full_shape[:3]
         self.has_frame_axis = len(full_shape) >= 4
         self.n_frames = full_shape[3] if self.has_frame_axis else 1
+        self.header_modality: str | None = None  # NIfTI headers have no modality field
         self.affine = np.asarray(self.image.affine, dtype=np.float64)
         if not path.name.lower().endswith(".gz"):
             offset = int(header.get_data_offset())
@@ -318,15 +324,18 @@ class _NiftiSource:
             try:
                 image = type(self.image).from_bytes(gunzip(self.path.read_bytes()))
             except EOFError as exc:
-                raise VolumeError(self.path, "truncated", f"compressed pixel data ends early: {exc}") from exc
+                raise VolumeError(self.path, "truncated", f"compressed pixel data ends early: "
+                                                          f"{_library_message(exc, self.path)}") from exc
             except (gzip.BadGzipFile, zlib.error) as exc:
-                raise VolumeError(self.path, "unreadable", f"corrupt compressed data: {exc}") from exc
+                raise VolumeError(self.path, "unreadable", f"corrupt compressed data: "
+                                                           f"{_library_message(exc, self.path)}") from exc
         extra = len(self.full_shape) - 4
         index = (...,) if frame is None else (slice(None),) * 3 + (frame,) + (0,) * extra
         try:
             data = image.dataobj[index]
         except Exception as exc:
-            raise VolumeError(self.path, "unreadable", f"NIfTI pixel data cannot be read: {exc}") from exc
+            raise VolumeError(self.path, "unreadable", f"NIfTI pixel data cannot be read: "
+                                                       f"{_library_message(exc, self.path)}") from exc
         return np.asarray(data, dtype=np.float32).reshape(self.shape)
 
 
@@ -361,7 +370,7 @@ class _SimpleITKSource:
         try:
             self.reader.ReadImageInformation()
         except RuntimeError as exc:
-            raise VolumeError(path, "unreadable", f"not a readable {fmt} file: {_itk_message(exc)}") from exc
+            raise VolumeError(path, "unreadable", f"not a readable {fmt} file: {_itk_message(exc, path)}") from exc
         size = tuple(int(v) for v in self.reader.GetSize())
         dimension = self.reader.GetDimension()
         components = self.reader.GetNumberOfComponents()
@@ -376,6 +385,9 @@ class _SimpleITKSource:
         self.shape = size[:3]
         self.has_frame_axis = dimension == 4
         self.n_frames = size[3] if self.has_frame_axis else 1
+        keys = {key.lower(): key for key in self.reader.GetMetaDataKeys()}
+        self.header_modality = _header_modality(self.reader.GetMetaData(keys["modality"])) if "modality" in keys \
+            else None
         direction = np.array(self.reader.GetDirection(), dtype=np.float64).reshape(dimension, dimension)[:3, :3]
         lps = np.eye(4)
         lps[:3, :3] = direction * np.array(self.reader.GetSpacing()[:3])
@@ -394,7 +406,7 @@ class _SimpleITKSource:
             image = self.reader.Execute()
         except RuntimeError as exc:
             raise VolumeError(self.path, "unreadable", f"{self.fmt} pixel data cannot be read: "
-                                                       f"{_itk_message(exc)}") from exc
+                                                       f"{_itk_message(exc, self.path)}") from exc
         array = sitk.GetArrayViewFromImage(image)  # (Z, Y, X)
         return np.ascontiguousarray(array.transpose(2, 1, 0), dtype=np.float32)
 
@@ -436,12 +448,26 @@ class _SimpleITKSource:
                         chunk = decompressor.unconsumed_tail
                 except zlib.error as exc:
                     raise VolumeError(self.path, "unreadable", f"corrupt compressed pixel data{self._where()}: "
-                                                               f"{exc}") from exc
+                                                               f"{_library_message(exc, self.path)}") from exc
         if not decompressor.eof or n_out < self.n_bytes:
             what = _describe_bytes(self.size, 1, self.itemsize)
             raise VolumeError(self.path, "truncated", f"compressed pixel data{self._where()} ends early: it "
                                                       f"decompresses to {n_out} bytes; its header promises "
                                                       f"{self.n_bytes} ({what})")
+
+
+MODALITY_CODE = re.compile(r"^[A-Z]{2,3}$")
+"""A DICOM modality code (CT, MR, PT, NM, US, ...), as the manifest schema allows."""
+_METAIMAGE_MODALITIES = {"MET_MOD_CT": "CT", "MET_MOD_MR": "MR", "MET_MOD_NM": "NM", "MET_MOD_US": "US"}
+"""MetaImage ``Modality`` values that name one (``MET_MOD_OTHER`` and ``MET_MOD_UNKNOWN``, which
+ITK reports for every file without the field, do not)."""
+
+
+def _header_modality(value: str) -> str | None:
+    """The DICOM modality code a header field states: ``MET_MOD_CT`` or ``ct`` -> ``CT``; else None."""
+    text = value.strip().upper()
+    text = _METAIMAGE_MODALITIES.get(text, text)
+    return text if MODALITY_CODE.match(text) else None
 
 
 class _PixelLayout(NamedTuple):
@@ -539,15 +565,37 @@ def source_files(image: Path) -> list[Path]:
     return files
 
 
-def _itk_message(exc: Exception) -> str:
-    """The informative part of an ITK/SimpleITK exception message, on one line."""
+def _itk_message(exc: Exception, path: Path) -> str:
+    """The informative part of an ITK/SimpleITK exception message, on one line (see :func:`_library_message`)."""
     text = str(exc)
     for marker in ("ITK ERROR:", "itk::ERROR:", "sitk::ERROR:"):
         if marker in text:
             text = text.split(marker, 1)[1]
             break
     text = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
-    return " ".join(text.split())
+    return _library_message(text, path)
+
+
+_QUOTED = re.compile(r"b?\"[^\"]*\"|b'(?:[^'\\]|\\.)*'")
+"""A double-quoted string, or a ``bytes`` literal (``b'...'``), inside a library's message."""
+LIBRARY_MESSAGE_CHARS = 300
+"""Longest library message quoted in an error."""
+
+
+def _library_message(exc: BaseException | str, path: Path) -> str:
+    """A library's error message on one line that quotes at most the file's name, never its content.
+
+    Parsers quote what they could not parse (Teem's NRRD reader quotes the file's first line),
+    and the file may be a link to anything (``scan.nrrd -> /etc/passwd``). So the file's path
+    (as given, absolute, or the link's target) becomes its name, every other quoted string or
+    bytes literal becomes ``"..."``, and the message is cut at :data:`LIBRARY_MESSAGE_CHARS`.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    path = Path(path)
+    for spelling in sorted({str(path), str(path.absolute()), os.path.realpath(path)}, key=len, reverse=True):
+        text = text.replace(spelling, path.name)
+    text = _QUOTED.sub(lambda m: m.group(0) if m.group(0).strip("b\"'") == path.name else '"..."', text)
+    return text if len(text) <= LIBRARY_MESSAGE_CHARS else text[: LIBRARY_MESSAGE_CHARS - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- DICOM

@@ -13,12 +13,15 @@ Backend: NCCL on CUDA devices, gloo on the CPU. Each process drives ``cuda:LOCAL
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import ignite.distributed as idist
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,28 @@ def setup_distributed(device: str | None = None) -> DistContext:
     else:
         dev = torch.device("cpu")
     return DistContext(rank=rank, world_size=idist.get_world_size(), local_rank=local_rank, device=dev, backend=backend)
+
+
+def patient_group(ctx: DistContext, timeout: datetime.timedelta) -> dist.ProcessGroup | None:
+    """A gloo group of every rank whose collectives wait up to ``timeout`` for the slowest rank.
+
+    The default group keeps torch's timeout (30 min for gloo), so a launch that promises more
+    ranks than it starts fails within it; work whose ranks finish far apart (``volpre cache``:
+    a rank's share of a large manifest takes hours) meets at the end in this group instead.
+    Every rank must call this, at the same point. None for one process.
+    """
+    if ctx.world_size == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def gather_objects(ctx: DistContext, value: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` for one process."""
+    if ctx.world_size == 1:
+        return [value]
+    values: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(values, value, group=group)
+    return values
 
 
 def teardown_distributed(ctx: DistContext) -> None:

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from volpre.config import RunConfig, config_from_dict
 from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
 from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups, crop_loader
-from volpre.data.manifest import load_manifest
+from volpre.data.manifest import ManifestError, load_manifest
 from volpre.data.nnunet_plan import NNUNetPlan, resolve_run_config
 from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import (
@@ -225,9 +225,9 @@ class Pretraining:
         saved_data = saved.get("data") if saved is not None else None
         if splits is None and saved_data is not None:
             splits = None if saved_data["splits"] is None else tuple(saved_data["splits"])
-        entries = [e for e in manifest.entries if splits is None or e.split in splits]
+        entries = manifest.select_splits(splits)  # an unknown split is an error naming the manifest's splits
         if not entries:
-            raise ValueError(f"manifest {manifest_path}: no entries in splits {', '.join(splits or ())}")
+            raise ManifestError(f"manifest {manifest_path}: no entries to pretrain on")
         self.data = RunData.of(self.manifest_path, file_sha256(self.manifest_path), entries, splits)
         self.data_history, self.data_event = self._data_history(saved, new_data)
         self.groups = VolumeGroups.build(entries, by_subject=samples_by_subject(cfg))

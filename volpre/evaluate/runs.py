@@ -150,6 +150,7 @@ def run_workflow(
     run_dir = Path(run_dir)
     run_overrides: dict[str, Any] = {
         **overrides,
+        "bundle_root": str(bundle.resolve()),  # the bundle's own "." means the working directory
         "manifest": str(Path(manifest).resolve()),
         "pretrained": bool(pretrained),
         "ckpt_dir": str((run_dir / "models").resolve()),

@@ -17,6 +17,10 @@ loads strictly into that network, and writes the bundle from the templates in ``
 Fine-tuning adds ``OUT/models/model.pt`` (the best validation checkpoint). The bundle is built in a
 temporary folder beside ``OUT`` and renamed onto it when complete: an export that fails or is killed
 leaves no ``OUT``.
+
+No file of the bundle holds a local path unless the user asks for one with ``manifest``:
+provenance is file names and SHA-256 digests, ``bundle_root`` is ``"."`` as in MONAI's model zoo
+(``--bundle_root`` at run time), and the docs use ``BUNDLE`` and ``MANIFEST`` placeholders.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from volpre.config import ModelConfig, RunConfig
 from volpre.engine.checkpoint import atomic_save
 from volpre.export import networks
 from volpre.export.keymap import to_network_keys
-from volpre.export.metadata import fill_metadata, installed_package_versions
+from volpre.export.metadata import Provenance, fill_metadata, installed_package_versions
 from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
 from volpre.export.templates import TASKS, templates_root
 from volpre.export.weights import check_state_dict
@@ -223,8 +227,10 @@ def export_bundle(
         out: the bundle folder to create (must not exist, or be empty).
         network: ``"swinunetr"``, ``"flexibleunet"`` or ``"survivalnet"``; default: the one
             fitting ``task`` and the checkpoint's encoder.
-        manifest: the volpre manifest the bundle fine-tunes on by default (its ``manifest`` key;
-            ``--manifest PATH`` overrides it at run time). ``None``: users must pass ``--manifest``.
+        manifest: the volpre manifest the bundle fine-tunes on by default (the ``manifest`` key
+            of ``train.json`` and ``inference.json``, as an absolute path; ``--manifest PATH``
+            overrides it at run time). ``None`` (a bundle to share, holding no local path): users
+            must pass ``--manifest``.
         modality: which entries of the manifest the bundle reads and which preset it applies.
         out_channels: segmentation only: classes including background.
         roi_size: crop size ``(X, Y, Z)``, multiples of 32 (SwinUNETR: >= 64); default the
@@ -261,16 +267,16 @@ def export_bundle(
     )
 
     with _staged_output(out_dir) as work_dir:
-        _write_bundle(work_dir, out_dir, pretrained, task, name, network_def, model, network_state, manifest,
+        _write_bundle(work_dir, pretrained, task, name, network_def, model, network_state, manifest,
                       modality, roi, roi_note, out_channels)
     return out_dir
 
 
-def _write_bundle(work_dir: Path, out_dir: Path, pretrained: PretrainedEncoder, task: str, name: str,
+def _write_bundle(work_dir: Path, pretrained: PretrainedEncoder, task: str, name: str,
                   network_def: dict[str, Any], model: torch.nn.Module, network_state: dict[str, torch.Tensor],
                   manifest: str | os.PathLike[str] | None, modality: str, roi: tuple[int, ...], roi_note: str,
                   out_channels: int | None) -> None:
-    """Write every file of the bundle into ``work_dir``; paths inside it name ``out_dir``, where it goes."""
+    """Write every file of the bundle into ``work_dir`` (renamed onto the bundle's folder afterwards)."""
     cfg = pretrained.config
     encoder_path = work_dir / ENCODER_FILE
     atomic_save({k: v.detach().clone().contiguous() for k, v in network_state.items()}, encoder_path)
@@ -278,8 +284,11 @@ def _write_bundle(work_dir: Path, out_dir: Path, pretrained: PretrainedEncoder, 
 
     root = templates_root()
     pre = cfg.preprocess
+    # No local path unless the user gives one: bundle_root stays the templates' "." (MONAI's
+    # convention, set with --bundle_root at run time), and the manifest is named only when
+    # passed, in the two configs that read it (train.json, inference.json; evaluate.json and
+    # multi_gpu_train.json are overlays on train.json).
     values: dict[str, Any] = {
-        "bundle_root": str(out_dir.resolve()),
         "manifest": None if manifest is None else str(Path(manifest).resolve()),
         "modality": modality,
         "in_channels": cfg.model.in_channels,
@@ -304,10 +313,11 @@ def _write_bundle(work_dir: Path, out_dir: Path, pretrained: PretrainedEncoder, 
         shutil.copyfile(root / "common" / "configs" / common, work_dir / "configs" / common)
     shutil.copyfile(root / "common" / "LICENSE", work_dir / "LICENSE")
 
+    provenance = Provenance.of(pretrained)
     metadata = fill_metadata(json.loads((task_dir / "metadata.json").read_text()), pretrained, name, modality, roi,
-                             out_channels)
+                             out_channels, provenance)
     _write_json(metadata, work_dir / "configs" / "metadata.json")
-    readme = _render_readme(root / task / "docs" / "README.md", out_dir, pretrained, name, metadata,
+    readme = _render_readme(root / task / "docs" / "README.md", pretrained, provenance, name, metadata,
                             {**values, "roi_note": roi_note})
     (work_dir / "docs" / "README.md").write_text(readme)
 
@@ -317,10 +327,10 @@ def _json_block(values: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in values.items()) + "\n}"
 
 
-def _render_readme(template_path: Path, out_dir: Path, pretrained: PretrainedEncoder, network: str,
+def _render_readme(template_path: Path, pretrained: PretrainedEncoder, provenance: Provenance, network: str,
                    metadata: dict[str, Any], values: dict[str, Any]) -> str:
+    """The bundle's docs: file names and digests for provenance; BUNDLE and MANIFEST placeholders in commands."""
     cfg = pretrained.config
-    manifest = pretrained.manifest or {}
     model = cfg.to_dict()["model"]
     encoder_config = {"encoder": model["encoder"], "in_channels": model["in_channels"],
                       model["encoder"]: model[model["encoder"]]}
@@ -330,16 +340,22 @@ def _render_readme(template_path: Path, out_dir: Path, pretrained: PretrainedEnc
         "objective": cfg.objective.name,
         "step": str(pretrained.step),
         "weights": pretrained.weights,
-        "checkpoint": str(pretrained.checkpoint.resolve()),
-        "pretrain_manifest": str(manifest.get("path", "not recorded")),
-        "pretrain_manifest_sha256": str(manifest.get("sha256", "not recorded")),
+        "checkpoint": provenance.checkpoint["file"],
+        "checkpoint_sha256": provenance.checkpoint["sha256"],
+        "pretrain_manifest": provenance.manifest.get("file", "not recorded"),
+        "pretrain_manifest_sha256": provenance.manifest.get("sha256", "not recorded"),
         "encoder_config": _json_block(encoder_config),
         "objective_config": _json_block(cfg.to_dict()["objective"][cfg.objective.name]),
         "preprocess_config": _json_block(cfg.to_dict()["preprocess"]),
         "pretrain_versions": _json_block(pretrained.versions),
         "bundle_versions": _json_block(metadata["required_packages_version"]),
-        "bundle": str(out_dir.resolve()),
-        "manifest": values["manifest"] or "/path/to/manifest.json",
+        "bundle": "BUNDLE",
+        "manifest": "MANIFEST",
+        "manifest_note": (
+            "This bundle was exported without one, so `--manifest` is required."
+            if values["manifest"] is None else
+            f"The configs name the manifest given at export (`{Path(values['manifest']).name}`, key `manifest` of "
+            "`train.json` and `inference.json`); `--manifest` replaces it."),
         "modality": values["modality"],
         "roi_size": ", ".join(str(r) for r in values["roi_size"]),
         "roi_note": values["roi_note"],

@@ -8,7 +8,11 @@ references). :func:`fill_metadata` adds what only the export knows:
   bundle's components import;
 - ``network_data_format`` (``inputs.image``, ``outputs.pred``; read by ``verify_net_in_out``);
 - a ``changelog`` entry naming the checkpoint, and ``volpre_pretraining`` (objective, steps,
-  manifest hash, encoder config, the versions pretraining ran with).
+  the checkpoint's and the pretraining manifest's file names and SHA-256 digests, encoder config,
+  the versions pretraining ran with).
+
+Provenance is file names and digests (:class:`Provenance`), never local paths: bundles are made
+to be shared, and the folders of hospital archives often carry patient names or record numbers.
 
 The result validates against MONAI's meta schema 20240725 (:mod:`volpre.export.schema`).
 """
@@ -17,10 +21,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from volpre import __version__
+from volpre.engine.trainer import file_sha256
 from volpre.export.source import PretrainedEncoder
 
 BUNDLE_PACKAGES = ("monai", "torch", "numpy", "pytorch-ignite", "nibabel", "pydicom", "SimpleITK", "einops",
@@ -37,6 +44,28 @@ def installed_package_versions() -> dict[str, str]:
     versions = {name: version(name) for name in BUNDLE_PACKAGES}
     versions["volpre"] = __version__
     return versions
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the exported weights come from, as file names and SHA-256 digests (no paths)."""
+
+    checkpoint: dict[str, str]
+    """``{"file": "last.pt", "sha256": ...}`` of the checkpoint file exported."""
+    manifest: dict[str, str]
+    """``{"file": "archive.json", "sha256": ...}`` of the pretraining manifest; ``{}`` if the
+    checkpoint records none."""
+
+    @classmethod
+    def of(cls, pretrained: PretrainedEncoder) -> Provenance:
+        recorded = pretrained.manifest or {}
+        manifest = {}
+        if recorded.get("path"):
+            manifest["file"] = Path(str(recorded["path"])).name
+        if recorded.get("sha256"):
+            manifest["sha256"] = str(recorded["sha256"])
+        checkpoint = {"file": pretrained.checkpoint.name, "sha256": file_sha256(pretrained.checkpoint)}
+        return cls(checkpoint=checkpoint, manifest=manifest)
 
 
 def _image_description(pretrained: PretrainedEncoder, modality: str) -> str:
@@ -62,6 +91,7 @@ def fill_metadata(
     modality: str,
     roi_size: Sequence[int],
     out_channels: int | None,
+    provenance: Provenance,
 ) -> dict[str, Any]:
     """The template with versions, ``network_data_format`` and provenance filled in (a new dict).
 
@@ -72,6 +102,7 @@ def fill_metadata(
         modality: ``"CT"`` or ``"MR"``.
         roi_size: the network's patch size ``(X, Y, Z)`` (multiples of 32).
         out_channels: segmentation classes including background; ``None`` for survival.
+        provenance: the checkpoint's and pretraining manifest's names and digests.
     """
     meta = copy.deepcopy(template)
     versions = installed_package_versions()
@@ -96,9 +127,9 @@ def fill_metadata(
         f"{pretrained.step} steps). Fine-tune it with configs/train.json on a volpre manifest; "
         "see docs/README.md."
     )
-    manifest = pretrained.manifest or {}
+    manifest = provenance.manifest
     meta["data_source"] = (
-        f"your volpre manifest (--manifest); the encoder was pretrained on manifest {manifest.get('path', 'unknown')} "
+        f"your volpre manifest (--manifest); the encoder was pretrained on manifest {manifest.get('file', 'unknown')} "
         f"(sha256 {manifest.get('sha256', 'unknown')})"
     )
     meta["image_classes"] = _image_description(pretrained, modality)
@@ -152,7 +183,7 @@ def fill_metadata(
         }
         meta["network_data_format"] = {"inputs": {"image": image}, "outputs": {"pred": pred}}
     meta["volpre_pretraining"] = {
-        "checkpoint": str(pretrained.checkpoint),
+        "checkpoint": provenance.checkpoint,
         "weights": pretrained.weights,
         "objective": objective,
         "step": pretrained.step,
