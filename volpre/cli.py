@@ -106,8 +106,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if cfg is None and args.overrides:
         raise UserError("key=value overrides need --config (with --resume, give the run's config too)")
     splits = tuple(args.splits.split(",")) if args.splits else None
-    result = pretrain(cfg, Path(args.manifest), Path(args.output), max_steps=args.max_steps,
-                      resume=args.resume, device=args.device, splits=splits)
+    from volpre.evaluate.errors import EvaluationError
+    from volpre.evaluate.probe import TrainingProbe
+
+    try:
+        result = pretrain(cfg, Path(args.manifest), Path(args.output), max_steps=args.max_steps,
+                          resume=args.resume, device=args.device, splits=splits, probe_factory=TrainingProbe)
+    except EvaluationError as error:  # the probe's manifest cannot give a probe
+        raise UserError(f"probe: {error}") from error
     if result.checkpoint is not None:
         print(f"step {result.final_step}: checkpoint {result.checkpoint}")
     if result.bad_entries:
