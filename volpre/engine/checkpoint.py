@@ -2,7 +2,7 @@
 
 Layout under ``<output>/checkpoints/``: ``step_00000500.pt`` (the last ``keep_last`` of them),
 ``last.pt`` (the newest) and ``best.pt`` (lowest mean training loss over the steps since the
-previous checkpoint). Every file appears atomically: written to a temporary name in the same
+previous checkpoint; or, with ``train.best_by: probe``, highest probe metric). Every file appears atomically: written to a temporary name in the same
 folder, flushed to disk, then renamed over the target; a crash mid-write leaves the previous
 file intact. ``last.pt``/``best.pt`` are hard links to the step file when the filesystem allows
 (no second write), copies otherwise.
@@ -11,7 +11,7 @@ A checkpoint holds only tensors and plain Python values (dicts, lists, str, int,
 so the safe ``weights_only`` unpickler reads it:
 ``model`` (encoder + decoder + objective heads, no DDP/compile prefixes), ``optimizer``,
 ``scheduler``, ``scaler``, ``ema`` (or None), ``rng`` (per-rank RNG states), ``step``,
-``samples_seen`` (per-rank data position), ``world_size``, ``best_loss``, ``config``,
+``samples_seen`` (per-rank data position), ``world_size``, ``best_loss``, ``best_probe``, ``config``,
 ``versions``, ``encoder`` (name), ``manifest`` (path and SHA-256).
 """
 
