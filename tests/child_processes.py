@@ -21,12 +21,40 @@ from collections.abc import Iterator, Sequence
 SPAWN = multiprocessing.get_context("spawn")
 """The only multiprocessing context tests may use (see the module docstring)."""
 
+STOP_GRACE_S = 45.0
+"""How long a command that must be stopped has after SIGTERM before its group gets SIGKILL. torchrun
+starts its workers in sessions of their own (out of reach of a signal to torchrun's group) and, on
+SIGTERM, stops them itself (SIGTERM, then SIGKILL 30 s later); a SIGKILL to torchrun would orphan
+them, still holding the pipes this module reads."""
+
 
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the group, up to :data:`STOP_GRACE_S` for the command to exit, then SIGKILL to the group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc)
+
+
+def _remaining_output(proc: subprocess.Popen) -> tuple[str, str]:
+    """What a stopped command left in its pipes; gives up after :data:`STOP_GRACE_S` if an orphan holds them."""
+    try:
+        return proc.communicate(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        return "", ""
 
 
 def run_command(args: Sequence[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -43,15 +71,15 @@ def run_command(args: Sequence[str], timeout: float, **kwargs) -> subprocess.Com
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        stdout, stderr = proc.communicate()
+        _stop_group(proc)
+        stdout, stderr = _remaining_output(proc)
         raise AssertionError(
             f"{' '.join(map(str, args))} ran past {timeout} s and was killed\n"
             f"stdout tail: {str(stdout or '')[-2000:]}\nstderr tail: {str(stderr or '')[-2000:]}"
         ) from None
     except BaseException:
-        _kill_group(proc)
-        proc.communicate()
+        _stop_group(proc)
+        _remaining_output(proc)
         raise
     _kill_group(proc)  # grandchildren that outlived their parent
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -64,7 +92,7 @@ def started_command(args: Sequence[str], **kwargs) -> Iterator[subprocess.Popen]
     try:
         yield proc
     finally:
-        _kill_group(proc)
+        _stop_group(proc)
         with contextlib.suppress(Exception):
             proc.communicate(timeout=30)
 

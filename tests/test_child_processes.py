@@ -41,6 +41,28 @@ def test_a_command_past_its_timeout_is_killed_with_its_grandchildren(tmp_path):
         pytest.fail("the grandchild survived the timeout")
 
 
+def test_a_command_past_its_timeout_may_stop_children_of_its_own_sessions_first(tmp_path):
+    """As torchrun does: workers in sessions of their own, stopped by the launcher on SIGTERM. A SIGKILL
+    to the launcher's group alone would orphan them, and reading their pipes would hang."""
+    pid_file = tmp_path / "worker.pid"
+    script = (f"import signal, subprocess, sys; "
+              f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'], start_new_session=True); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+              f"signal.signal(signal.SIGTERM, lambda *_: (p.kill(), sys.exit(1))); p.wait()")
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match="ran past 3 s and was killed"):
+        run_command([sys.executable, "-c", script], timeout=3)
+    assert time.monotonic() - start < 40
+    worker = int(pid_file.read_text())
+    for _ in range(50):
+        if not _running(worker):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, 9)
+        pytest.fail("the worker in its own session survived the timeout")
+
+
 def _running(pid: int) -> bool:
     """Whether ``pid`` is alive (a zombie waiting to be reaped by init counts as dead)."""
     try:

@@ -1,6 +1,6 @@
 """Run configuration: one typed schema, loaded from YAML, overridden with ``key=value``.
 
-A run config has five sections, each a dataclass below:
+A run config has six sections, each a dataclass below:
 
 - ``preprocess``: the deterministic part of the data pipeline (orientation, spacing,
   intensity normalisation, foreground crop). Its hash keys the preprocessed cache.
@@ -9,6 +9,8 @@ A run config has five sections, each a dataclass below:
 - ``model``: the encoder (``swin``, ``resnet`` or ``nnunet``) and its pretraining decoder.
 - ``objective``: ``dae`` (disruptive autoencoder) or ``mvm`` (masked volume modeling).
 - ``train``: optimiser, schedule, precision, checkpoints and logging.
+- ``probe``: an optional frozen-feature probe of the encoder on a labelled manifest, run every
+  few steps during pretraining (disabled unless ``probe.manifest`` is set).
 
 Shipped configs live in ``volpre/configs/NAME.yaml``; a YAML file may name ``base: OTHER`` to
 start from another config and change only some keys (the ``*-tiny`` CPU profiles do this).
@@ -336,6 +338,10 @@ class TrainConfig:
     image_every: int = 200
     checkpoint_every: int = 500
     keep_last: int = 3
+    best_by: Literal["loss", "probe"] = "loss"
+    """What ``best.pt`` holds: the checkpoint with the lowest mean training loss since the previous
+    checkpoint (``loss``), or the one with the highest probe metric (``probe``: needs ``probe.manifest``;
+    a checkpoint is also written at every probe step that improves on the best so far)."""
 
     def validate(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -354,12 +360,45 @@ class TrainConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Frozen-feature probe of the encoder during pretraining (``volpre.evaluate.probe``).
+
+    Rank 0 probes the current encoder (and the EMA, when ``train.ema_decay > 0``) at step 0 (the
+    random-initialisation baseline of the run) and every ``every`` steps: frozen features of the
+    labelled ``train`` entries of ``manifest`` fit a light head (segmentation: a linear 1x1x1 head
+    on all five feature maps; survival: an L2-penalised Cox model on pooled features), scored on
+    its ``val`` entries (mean foreground Dice, or Harrell's C-index), logged as ``probe/<metric>``.
+    """
+
+    manifest: str | None = None
+    """Labelled volpre manifest (splits ``train`` and ``val``) to probe on; ``None`` disables the probe.
+    A relative path is read from the working directory."""
+    task: Literal["segmentation", "survival"] = "segmentation"
+    """Which probe: segmentation (entries with a ``label``) or survival (entries with ``time`` and ``event``)."""
+    modality: Literal["CT", "MR"] = "CT"
+    """Only entries of this modality are probed."""
+    every: int = 500
+    """Optimiser steps between probes (and a probe at step 0 of a new run)."""
+    max_entries: int = 16
+    """At most this many labelled entries of each split (``train``, ``val``), in manifest order; a
+    probe's cost grows with them."""
+
+    def validate(self) -> None:
+        for key in ("every", "max_entries"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"probe.{key} must be >= 1, got {getattr(self, key)}")
+        if self.manifest is not None and not self.manifest.strip():
+            raise ConfigError("probe.manifest must be a manifest path, or null to disable the probe")
+
+
+@dataclass
 class RunConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
         """Check every section, then the rules that span sections."""
@@ -367,6 +406,8 @@ class RunConfig:
             check = getattr(section, "validate", None)
             if check is not None and section is not self:
                 check()
+        if self.train.best_by == "probe" and self.probe.manifest is None:
+            raise ConfigError("train.best_by 'probe' needs a probe: set probe.manifest to a labelled manifest")
         if self.model.encoder == "nnunet":
             # crop size and mask cells depend on the plan: volpre.data.nnunet_plan.resolve_run_config checks them
             return

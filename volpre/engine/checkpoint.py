@@ -3,11 +3,12 @@
 
 Layout under ``<output>/checkpoints/``: ``step_00000500.pt`` (the last ``keep_last`` of them),
 ``last.pt`` (the newest) and ``best.pt`` (lowest mean training loss over the steps since the
-previous checkpoint). Every file appears atomically: written to a temporary name in the same
-folder (``.NAME.tmp<pid>@<host>``), flushed to disk, then renamed over the target; a crash
-mid-write leaves the previous file intact, and the next run removes the temporaries of dead
-writers. ``last.pt``/``best.pt`` are hard links to the step file when the filesystem allows (no
-second write), copies otherwise: damage to one is damage to all of its names.
+previous checkpoint; or, with ``train.best_by: probe``, the highest probe metric). Every file
+appears atomically: written to a temporary name in the same folder (``.NAME.tmp<pid>@<host>``),
+flushed to disk, then renamed over the target; a crash mid-write leaves the previous file intact,
+and the next run removes the temporaries of dead writers. ``last.pt``/``best.pt`` are hard links
+to the step file when the filesystem allows (no second write), copies otherwise: damage to one is
+damage to all of its names.
 
 So every checkpoint carries a ``checksum`` (SHA-256 over every value it holds: each tensor's
 dtype, shape and bytes, every plain value, in a fixed order; see :func:`state_checksum`) and
@@ -22,7 +23,7 @@ A checkpoint holds only tensors and plain Python values (dicts, lists, str, int,
 so the safe ``weights_only`` unpickler reads it:
 ``model`` (encoder + decoder + objective heads, no DDP/compile prefixes), ``optimizer``,
 ``scheduler``, ``scaler``, ``ema`` (or None), ``rng`` (per-rank RNG states), ``step``,
-``items_seen`` (per-rank data position), ``world_size``, ``best_loss``, ``config``,
+``items_seen`` (per-rank data position), ``world_size``, ``best_loss``, ``best_probe``, ``config``,
 ``versions``, ``encoder`` (name), ``manifest`` (path and SHA-256 of the manifest the weights are
 being trained on), ``data`` (the selected splits, the entries and the history of data changes:
 :mod:`volpre.engine.provenance`), ``nnunet_plans`` (the nnU-Net plans dict of an ``nnunet``

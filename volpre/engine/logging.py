@@ -1,4 +1,5 @@
-"""Run logs on rank 0: ``metrics.jsonl`` (one line per step) and TensorBoard scalars and images.
+"""Run logs on rank 0: ``metrics.jsonl`` (one line per step, plus a line for step 0 when a probe
+runs there) and TensorBoard scalars and images.
 
 Per-step values stay on the device until a flush (every ``log_every`` steps), so logging costs
 one host sync per flush, not one per step. Events of the run (``--resume --new-data``) are lines
@@ -90,6 +91,15 @@ class RunLogger:
         """Append one event line (``{"event": NAME, "step": N, ...}``) to ``metrics.jsonl`` at once."""
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+    def write_record(self, step: int, values: dict[str, float]) -> None:
+        """Write one record of plain numbers for ``step`` at once (e.g. the probe before step 1, which
+        has no training values); queued steps are flushed first so lines stay in step order."""
+        self.flush()
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            self.writer.add_scalar(key.replace(".", "/"), value, step)
+        self.writer.flush()
 
     def add_images(self, step: int, images: dict[str, torch.Tensor]) -> None:
         """Log orthogonal mid-slices of the first sample's first channel of each ``(B, C, X, Y, Z)``."""

@@ -12,6 +12,12 @@ A non-finite loss (or gradient norm, or weights) stops the run with :class:`Dive
 without writing a checkpoint, so the last checkpoint on disk is the last finite one. The check
 costs no host sync of its own: each step updates a flag on the device, read at log and checkpoint
 steps, where the step's values reach the host anyway.
+
+With a ``probe`` config section, rank 0 probes the encoder's frozen features at step 0 and every
+``probe.every`` steps through a :class:`Probe` that the caller supplies (``volpre pretrain`` passes
+``volpre.evaluate.probe.TrainingProbe``; the engine does not import the evaluation layer). A probe
+draws no training random numbers (the RNG states are restored around it) and leaves the model's
+modes as they were, so a run with probes trains exactly as one without.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -63,6 +70,7 @@ RESUME_SAFE_KEYS = (
     "train.keep_last",
     "data.num_workers",
     "data.cache_dir",
+    "probe.every",
 )
 """Config keys that may change when resuming; any other change would break exact resume."""
 
@@ -82,6 +90,22 @@ class PretrainResult:
     samples_per_s: float = 0.0
     data_wait_fraction: float = 0.0
     peak_memory_bytes: int = 0
+    probes: list[dict] = field(default_factory=list)
+    """Each probe this invocation ran (rank 0): ``{"step": s, "probe/<metric>": value, ...}``."""
+
+
+class Probe(Protocol):
+    """A frozen-feature probe of an encoder, built once per run on rank 0 (see ``volpre.evaluate.probe``)."""
+
+    metric: str
+    """The headline score's name (higher is better; ``train.best_by: probe`` ranks checkpoints by it)."""
+
+    def __call__(self, encoder: torch.nn.Module) -> dict[str, float]:
+        """Scores of ``encoder`` (its modes restored afterwards), the headline under :attr:`metric`."""
+
+
+ProbeFactory = Callable[[RunConfig, torch.device], Probe]
+"""Builds the run's probe from its config on a device (``volpre.evaluate.probe.TrainingProbe``)."""
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, min_lr: float) -> float:
@@ -138,7 +162,7 @@ def resumed_config(saved: dict, requested: RunConfig | None) -> RunConfig:
     if requested is None:
         return config_from_dict(saved)
     new = requested.to_dict()
-    changed = _changed_keys(saved, new)
+    changed = _changed_keys(config_from_dict(saved).to_dict(), new)  # keys added since then at their defaults
     unsafe = [k for k in changed if k not in RESUME_SAFE_KEYS]
     if unsafe:
         raise CheckpointError(
@@ -187,10 +211,12 @@ class Pretraining:
 
     def __init__(self, cfg: RunConfig, manifest_path: Path, output: Path, ctx: DistContext,
                  resume: bool = False, splits: tuple[str, ...] | None = None,
-                 init: tuple[Path, str] | None = None, new_data: bool = False):
+                 init: tuple[Path, str] | None = None, new_data: bool = False,
+                 probe_factory: ProbeFactory | None = None):
         """``splits``: the manifest splits to train on (None: every entry; on resume, None means the
         checkpoint's). ``init``: ``(PATH, FORMAT)`` of weights to start the encoder from. ``new_data``:
-        with ``resume``, continue even if the data differ from the run's."""
+        with ``resume``, continue even if the data differ from the run's. ``probe_factory``: builds
+        the probe a ``probe`` config section asks for."""
         self.ctx, self.output = ctx, Path(output)
         self.checkpoints = CheckpointManager(self.output / "checkpoints", keep_last=1)
         if new_data and not resume:
@@ -262,12 +288,35 @@ class Pretraining:
         np.random.seed((t.seed + 1 + ctx.rank) % 2**32)
         self.generator.manual_seed(t.seed + 10_000 + ctx.rank)
 
-        self.step, self.best_loss = 0, math.inf
+        self.step, self.best_loss, self.best_probe = 0, math.inf, -math.inf
         if saved is not None:
             self._restore(saved)
         self.last_saved_step = self.step if saved is not None else None
         # first step whose loss (or gradient norm) was not finite, 0 while all were: kept on the device
         self._first_nonfinite = torch.zeros((), dtype=torch.int64, device=ctx.device)
+        self.probe = self._build_probe(probe_factory)
+
+    def _build_probe(self, probe_factory: ProbeFactory | None) -> Probe | None:
+        """Rank 0's probe (None elsewhere, or without ``probe.manifest``); a failure stops every rank."""
+        if self.cfg.probe.manifest is None:
+            return None
+        if probe_factory is None:
+            raise ValueError("the config sets probe.manifest, but no probe_factory was given to pretrain(); pass "
+                             "probe_factory=volpre.evaluate.probe.TrainingProbe (volpre pretrain does)")
+        probe, error = None, None
+        if self.ctx.is_main:
+            try:
+                probe = probe_factory(self.cfg, self.ctx.device)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                error = exc
+        if self.ctx.world_size > 1:  # the other ranks wait here for rank 0 to read the probe's volumes
+            message = [None if error is None else f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None and error is None:
+                raise RuntimeError(f"rank 0 could not build the probe: {message[0]}")
+        if error is not None:
+            raise error
+        return probe
 
     # ------------------------------------------------------------------ resume
 
@@ -334,6 +383,7 @@ class Pretraining:
             self.ema.load_state_dict(saved["ema"], strict=True)
         restore_rng(saved["rng"][self.ctx.rank], self.generator)
         self.step, self.best_loss = int(saved["step"]), float(saved["best_loss"])
+        self.best_probe = float(saved.get("best_probe", -math.inf))
 
     @property
     def items_per_step(self) -> int:
@@ -351,6 +401,7 @@ class Pretraining:
             "items_seen": self.step * self.items_per_step,
             "world_size": self.ctx.world_size,
             "best_loss": self.best_loss,
+            "best_probe": self.best_probe,
             "config": self.cfg.to_dict(),
             "encoder": self.cfg.model.encoder,
             "versions": installed_versions(),
@@ -500,6 +551,11 @@ class Pretraining:
         engine.logger.setLevel(logging.CRITICAL)
         engine.load_state_dict({"iteration": self.step, "epoch_length": max_steps, "max_epochs": 1})
         stop = StopRequest(ctx.world_size, ctx.device)
+        probing = cfg.probe.manifest is not None
+        if probing and self.step == 0:  # the random-initialisation baseline of this very run
+            values, _ = self._run_probe(window, result)
+            if logger is not None:
+                logger.write_record(0, values)
 
         @engine.on(Events.ITERATION_COMPLETED)
         def record(engine: Engine) -> None:
@@ -507,19 +563,27 @@ class Pretraining:
             window["wait"] += batches.last_wait_s
             window["steps"] += 1
             checkpoint_window.append(out["values"]["loss"])
+            probe_values, probe_improved = {}, False
+            if probing and self.step % cfg.probe.every == 0:
+                probe_values, headline = self._run_probe(window, result)
+                probe_improved = headline > self.best_probe  # False for NaN
+                if probe_improved:
+                    self.best_probe = headline
             if logger is not None:
-                logger.add_step(self.step, out["values"], {"lr": out["lr"]})
+                logger.add_step(self.step, out["values"], {"lr": out["lr"], **probe_values})
                 if out["images"]:
                     logger.add_images(self.step, out["images"])
             at_log_step = self.step % cfg.train.log_every == 0 or self.step == max_steps
             if at_log_step:
                 self._flush(logger, window, samples_per_step, result)
             stopping = stop.agreed(at_log_step)
-            checkpointing = self.step % cfg.train.checkpoint_every == 0 or self.step == max_steps or stopping
+            best_by_probe = cfg.train.best_by == "probe"
+            checkpointing = (self.step % cfg.train.checkpoint_every == 0 or self.step == max_steps or stopping
+                             or (best_by_probe and probe_improved))
             if at_log_step or checkpointing:
                 self._check_finite(checkpointing)
             if checkpointing:
-                self._checkpoint(checkpoint_window, result)
+                self._checkpoint(checkpoint_window, result, probe_is_best=probe_improved if best_by_probe else None)
             if stopping:
                 log.warning("stopping at step %d on signal %s; resume with --resume", self.step, stop.signal)
                 if not at_log_step:
@@ -562,12 +626,42 @@ class Pretraining:
         result.samples_per_s, result.data_wait_fraction = rates["samples_per_s"], rates["data_wait_fraction"]
         window.update(start=time.perf_counter(), wait=0.0, steps=0)
 
-    def _checkpoint(self, checkpoint_window: list[torch.Tensor], result: PretrainResult) -> None:
+    def _run_probe(self, window: dict, result: PretrainResult) -> tuple[dict[str, float], float]:
+        """Rank 0 probes the encoder (and the EMA's); returns its ``probe/...`` values (empty on other
+        ranks) and, on every rank, the headline metric of the encoder (a broadcast: the others wait there).
+
+        The probe's time is left out of the throughput window; the RNG states are restored after it.
+        """
+        started = time.perf_counter()
+        values: dict[str, float] = {}
+        headline = torch.full((1,), math.nan, dtype=torch.float64, device=self.ctx.device)
+        if self.probe is not None:
+            rng = capture_rng(self.generator)
+            try:
+                scores = self.probe(self.module.encoder)
+                values = {f"probe/{key}": value for key, value in scores.items()}
+                if self.ema is not None:
+                    values.update({f"probe/ema/{key}": value for key, value in self.probe(self.ema.module.encoder).items()})
+            finally:
+                restore_rng(rng, self.generator)
+            headline.fill_(scores[self.probe.metric])
+            result.probes.append({"step": self.step, **values})
+        if self.ctx.world_size > 1:
+            dist.broadcast(headline, src=0)
+        window["start"] += time.perf_counter() - started
+        return values, float(headline)
+
+    def _checkpoint(self, checkpoint_window: list[torch.Tensor], result: PretrainResult,
+                    probe_is_best: bool | None = None) -> None:
+        """Write a checkpoint; ``best.pt`` too when it is the best by loss (``probe_is_best`` None:
+        ``train.best_by: loss``) or when ``probe_is_best`` (``train.best_by: probe``)."""
         mean_loss = float(torch.stack(checkpoint_window).mean())
         checkpoint_window.clear()
         is_best = mean_loss < self.best_loss
         if is_best:
             self.best_loss = mean_loss
+        if probe_is_best is not None:
+            is_best = probe_is_best
         rng = self._gather_rng()  # a collective: every rank takes part
         if self.ctx.is_main:
             result.checkpoint = self.checkpoints.save(self.state_dict(rng), self.step, is_best)
@@ -588,13 +682,16 @@ def _initialise_encoder(encoder: torch.nn.Module, cfg: RunConfig, path: Path, fm
 
 def pretrain(cfg: RunConfig | None, manifest: Path, output: Path, max_steps: int | None = None,
              resume: bool = False, device: str | None = None, splits: tuple[str, ...] | None = None,
-             init: tuple[Path, str] | None = None, new_data: bool = False) -> PretrainResult:
+             init: tuple[Path, str] | None = None, new_data: bool = False,
+             probe_factory: ProbeFactory | None = None) -> PretrainResult:
     """Run (or resume) pretraining; returns what rank 0 saw. ``cfg`` may be None only with ``resume``.
 
     ``splits``: manifest splits to train on (default every entry; on resume the checkpoint's).
     ``init``: ``(PATH, FORMAT)`` of weights to start the encoder from (``volpre.models.init_weights``).
     ``new_data``: with ``resume``, continue on data that differ from the checkpoint's (refused
     otherwise); no longer an exact resume, and recorded as such.
+    ``probe_factory`` builds the probe a ``probe`` config section asks for (required then;
+    ``volpre.evaluate.probe.TrainingProbe``).
     """
     ctx = setup_distributed(device)
     run = None
@@ -603,7 +700,8 @@ def pretrain(cfg: RunConfig | None, manifest: Path, output: Path, max_steps: int
             raise ValueError("a config is needed unless --resume takes it from the checkpoint")
         if cfg is not None:
             cfg = resolve_run_config(cfg)  # data.roi: null -> the nnU-Net plan's patch size
-        run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits, init=init, new_data=new_data)
+        run = Pretraining(cfg, manifest, output, ctx, resume=resume, splits=splits, init=init, new_data=new_data,
+                          probe_factory=probe_factory)
         return run.run(max_steps if max_steps is not None else run.cfg.train.total_steps)
     finally:
         del run  # the DDP reducer must let go of the process group before teardown (see there)

@@ -1,0 +1,95 @@
+"""Frozen encoder features: the five maps of a whole volume, read at voxel centres or pooled.
+
+The encoder runs in eval mode (BatchNorm with its running statistics, no dropout or drop-path)
+under ``torch.no_grad``; :func:`frozen` restores every submodule's train/eval flag afterwards, so
+a probe inside a training loop leaves the model as it found it.
+
+"Upsampled" features are trilinear interpolation of each map to the input's voxel grid
+(``F.interpolate(mode="trilinear", align_corners=False)``: the map's voxels are cells of
+``stride^3`` input voxels, read at the input voxels' centres, clamped at the border).
+:func:`features_at` reads that upsampled feature at given voxels without building the
+full-resolution maps (``grid_sample`` at the same positions, border-clamped, which gives the same
+numbers), so a probe can fit on a sample of voxels and still mean "upsampled multi-scale features".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode without gradients for the ``with`` block; every submodule's
+    ``training`` flag is restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def encoder_features(encoder: nn.Module, image: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """The encoder's five maps of one volume.
+
+    Args:
+        encoder: a volpre encoder (see :mod:`volpre.models.contract`), already in eval mode
+            (use :func:`frozen`).
+        image: ``(C, X, Y, Z)`` float, X/Y/Z multiples of 32 (a :class:`ProbeVolume` image).
+        device: where to run the encoder (its parameters' device).
+
+    Returns:
+        Five float32 tensors ``(C_i, X/2**(i+1), Y/2**(i+1), Z/2**(i+1))`` on ``device``.
+    """
+    maps = encoder(image[None].to(device, non_blocking=True))
+    return [m[0].float() for m in maps]
+
+
+def features_at(maps: Sequence[torch.Tensor], points: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
+    """Every map trilinearly upsampled to the input grid, read at ``points``, concatenated.
+
+    Args:
+        maps: ``(C_i, X_i, Y_i, Z_i)`` maps of one volume whose input grid is ``grid_shape``
+            (each map an exact integer stride of it).
+        points: ``(N, 3)`` int64 voxel indices ``(x, y, z)`` of the input grid.
+        grid_shape: ``(X, Y, Z)`` of the input the maps came from (the padded volume).
+
+    Returns:
+        ``(N, sum C_i)`` float32 on the maps' device, equal to
+        ``cat([F.interpolate(m[None], size=grid_shape, mode="trilinear")[0, :, x, y, z] for m in maps])``.
+    """
+    size = torch.tensor(list(grid_shape), dtype=torch.float32, device=maps[0].device)
+    # grid_sample's normalised coordinates with align_corners=False: voxel centre x -> (2x + 1)/X - 1,
+    # the same for every map (each spans the same extent); the last grid axis indexes the last tensor axis
+    normalised = (2.0 * points.to(size.device, torch.float32) + 1.0) / size - 1.0
+    grid = normalised.flip(-1).view(1, 1, 1, -1, 3)
+    columns = [
+        F.grid_sample(m[None], grid, mode="bilinear", padding_mode="border", align_corners=False).view(m.shape[0], -1)
+        for m in maps
+    ]
+    return torch.cat(columns, dim=0).T.contiguous()
+
+
+def pooled_features(maps: Sequence[torch.Tensor], shape: Sequence[int], grid_shape: Sequence[int]) -> torch.Tensor:
+    """Mean of each map over the part that covers the unpadded volume, concatenated.
+
+    Args:
+        maps: ``(C_i, X_i, Y_i, Z_i)`` maps of a volume padded at the far end of each axis.
+        shape: ``(X, Y, Z)`` of the volume before padding.
+        grid_shape: ``(X', Y', Z')`` of the padded volume the maps came from.
+
+    Returns:
+        ``(sum C_i,)`` float32 on the maps' device.
+    """
+    pooled = []
+    for m in maps:
+        extent = [-(-n // (g // ms)) for n, g, ms in zip(shape, grid_shape, m.shape[1:])]  # ceil(n / stride)
+        pooled.append(m[:, : extent[0], : extent[1], : extent[2]].mean(dim=(1, 2, 3)))
+    return torch.cat(pooled)
