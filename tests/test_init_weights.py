@@ -110,3 +110,60 @@ def test_pretrain_records_its_init(tmp_path, demo_manifest):
     saved = torch.load(result.checkpoint, weights_only=True)
     assert saved["init"]["format"] == "medicalnet" and saved["init"]["path"] == str((tmp_path / "resnet_10.pth").resolve())
     json.dumps(saved["init"])  # plain values only
+
+
+# ----------------------------------------------------------------------------- volpre export --encoder-weights
+
+
+def test_encoder_weights_export_a_medicalnet_file_into_a_bundle_as_they_are(tmp_path, capsys):
+    """``volpre export --encoder-weights resnet_10_23dataset.pth --config resnet-dae-tiny``: the bundle's
+    encoder file holds MedicalNet's tensors under FlexibleUNet's keys, and says where they come from."""
+    data = medicalnet_file(tmp_path / "resnet_10_23dataset.pth", 10)
+    out = tmp_path / "seg"
+    assert main(["export", "--encoder-weights", str(tmp_path / "resnet_10_23dataset.pth"), "--config",
+                 "resnet-dae-tiny", "--task", "segmentation", "--out-channels", "3", "--out", str(out)]) == 0
+    exported = torch.load(out / "models" / "pretrained_encoder.pt", weights_only=True)
+    theirs = {k[len("module."):]: v for k, v in data["state_dict"].items()}
+    assert len(exported) == len(theirs)
+    for key, value in theirs.items():  # FlexibleUNet keeps ResNetFeatures' names under encoder.
+        assert torch.equal(exported[f"encoder.{key}"], value), key
+    metadata = json.loads((out / "configs" / "metadata.json").read_text())
+    assert metadata["volpre_pretraining"]["origin"] == "medicalnet"
+    assert metadata["volpre_pretraining"]["objective"] is None and metadata["volpre_pretraining"]["step"] == 0
+    assert "not pretrained by volpre" in metadata["description"]
+    readme = (out / "docs" / "README.md").read_text()
+    assert "encoder weights of `resnet_10_23dataset.pth`" in readme and "medicalnet layout" in readme
+    assert str(tmp_path) not in readme  # file names and digests, no local path
+
+
+def test_encoder_weights_that_do_not_fit_the_config_fail_naming_every_bad_key(tmp_path, capsys):
+    medicalnet_file(tmp_path / "resnet_18.pth", 18)
+    args = ["export", "--encoder-weights", str(tmp_path / "resnet_18.pth"), "--task", "survival",
+            "--out", str(tmp_path / "b")]
+    assert main(args + ["--config", "resnet-dae-tiny"]) == 2  # resnet10
+    err = capsys.readouterr().err
+    expected = set(ResNetFeatures("resnet18", pretrained=False).state_dict()) - set(
+        build_encoder(load_config("resnet-dae-tiny").model).state_dict())
+    assert "--encoder-weights" in err and "unexpected in the file (" in err and all(k in err for k in expected)
+    assert not (tmp_path / "b").exists()
+    assert main(args + ["--config", "resnet-dae-tiny", "--set", "model.resnet.depth=18"]) == 0  # the right depth
+
+
+def test_encoder_weights_argument_errors(tmp_path, capsys):
+    medicalnet_file(tmp_path / "resnet_10.pth", 10)
+    weights = str(tmp_path / "resnet_10.pth")
+    checkpoint = str(make_checkpoint(tmp_path / "c.pt", "resnet-dae-tiny"))
+    base = ["export", "--task", "survival", "--out", str(tmp_path / "b")]
+    cases = [
+        ([], "give a pretraining checkpoint (volpre export CKPT ...) or --encoder-weights PATH --config NAME, not both"),
+        ([checkpoint, "--encoder-weights", weights, "--config", "resnet-dae-tiny"], "not both"),
+        (["--encoder-weights", weights], "--encoder-weights needs --config NAME_OR_YAML"),
+        ([checkpoint, "--config", "resnet-dae-tiny"], "--config, --set and --init-format describe --encoder-weights"),
+        (["--encoder-weights", weights, "--config", "resnet-dae-tiny", "--weights", "ema"], "no --weights ema"),
+        (["--encoder-weights", str(tmp_path / "nope.pth"), "--config", "resnet-dae-tiny"],
+         f"--encoder-weights {tmp_path / 'nope.pth'}: no such file"),
+        (["--encoder-weights", checkpoint, "--config", "resnet-dae-tiny"], "a volpre pretraining checkpoint; export it"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra

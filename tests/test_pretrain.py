@@ -54,7 +54,10 @@ def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
         return float(draw_and_forward(model, batch, torch.Generator().manual_seed(5)).loss)
 
 
-@pytest.mark.parametrize("name", ["swin-dae-tiny", "swin-mvm-tiny", "resnet-dae-tiny", "resnet-mvm-tiny"])
+# resnet-mvm-tiny is slow (SparK's full-resolution 3^3 convolutions backward on the CPU: 60 steps took
+# over 600 s on the busy 2-core machine); its few-step check stays in tests/test_objectives.py
+@pytest.mark.parametrize("name", ["swin-dae-tiny", "swin-mvm-tiny", "resnet-dae-tiny",
+                                  pytest.param("resnet-mvm-tiny", marks=pytest.mark.slow)])
 def test_tiny_config_learns_on_demo_data(name, demo_manifest, tmp_path):
     cfg = load_config(name, FAST)
     result = pretrain(cfg, demo_manifest, tmp_path, max_steps=60, device="cpu")
@@ -205,7 +208,8 @@ def test_torchrun_two_processes_share_weights_and_split_data(demo_manifest, tmp_
     assert rank0["weights"] == rank1["weights"] and rank0["weights_abs"] == rank1["weights_abs"]
     items0 = {tuple(k) for k in rank0["items"]}
     items1 = {tuple(k) for k in rank1["items"]}
-    assert len(items0) == len(items1) == 3 * 2 and not items0 & items1  # 3 steps x batch 2, disjoint
+    assert len(items0) == len(items1) == 3 * 2 and not items0 & items1  # 3 steps x 2 micro-batches of 1, disjoint
+    assert rank0["syncs"] == rank1["syncs"] == [False, True] * 3  # only the last micro-batch all-reduces
     assert len(report["losses"]) == 3
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2

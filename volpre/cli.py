@@ -260,13 +260,36 @@ def _cmd_export_nnunet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_source(args: argparse.Namespace):
+    """The checkpoint path, or with ``--encoder-weights`` the weights read into ``--config``'s encoder."""
+    from volpre.config import load_config
+    from volpre.export.source import read_encoder_weights
+
+    if (args.checkpoint is None) == (args.encoder_weights is None):
+        raise UserError("give a pretraining checkpoint (volpre export CKPT ...) or --encoder-weights PATH "
+                        "--config NAME, not both")
+    if args.encoder_weights is None:
+        if args.config is not None or args.set or args.init_format != "auto":
+            raise UserError("--config, --set and --init-format describe --encoder-weights; a checkpoint carries "
+                            "its own config")
+        return args.checkpoint
+    if args.config is None:
+        raise UserError("--encoder-weights needs --config NAME_OR_YAML: the encoder the weights are for "
+                        "(e.g. --config resnet-dae-tiny for MedicalNet's resnet_10, or --set model.resnet.depth=50)")
+    if args.task == "nnunet" or args.weights != "model":
+        raise UserError("--encoder-weights exports segmentation and survival bundles of the weights as they are "
+                        "(no --task nnunet, no --weights ema)")
+    return read_encoder_weights(args.encoder_weights, load_config(args.config, args.set), args.init_format)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from volpre.export import export_bundle
 
+    source = _export_source(args)
     if args.task == "nnunet":
         return _cmd_export_nnunet(args)
     try:
-        bundle = export_bundle(args.checkpoint, args.task, args.out, network=args.network, manifest=args.manifest,
+        bundle = export_bundle(source, args.task, args.out, network=args.network, manifest=args.manifest,
                                modality=args.modality or "CT", out_channels=args.out_channels,
                                roi_size=tuple(args.roi) if args.roi else None, weights=args.weights)
     except (ValueError, FileExistsError) as error:  # arguments that do not fit the checkpoint or task
@@ -467,7 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "and SHA-256 digests, bundle_root '.' (MONAI's convention), and a manifest path only if "
                        "--manifest is given. With --task nnunet (checkpoints of the nnunet encoder): write FILE.pth "
                        "for `nnUNetv2_train ... -pretrained_weights FILE.pth` and FILE.md with the exact command.")
-    p.add_argument("checkpoint", type=Path, help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
+    p.add_argument("checkpoint", type=Path, nargs="?", help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
+    p.add_argument("--encoder-weights", type=Path, metavar="PATH", help="instead of a checkpoint: encoder weights "
+                   "from elsewhere (a MedicalNet resnet_N_23dataset.pth, a volpre bundle), mapped and loaded "
+                   "strictly into the encoder of --config, exported as they are (not pretrained by volpre; the "
+                   "bundle docs say so)")
+    p.add_argument("--config", metavar="NAME_OR_YAML", help="with --encoder-weights: the config whose model "
+                   "and preprocess sections the bundle uses")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --encoder-weights: a config override, e.g. --set model.resnet.depth=50 (repeatable)")
+    p.add_argument("--init-format", default="auto", choices=["auto", "medicalnet", "bundle"],
+                   help="with --encoder-weights: layout of the file (default: recognised from the file)")
     p.add_argument("--task", required=True, choices=["segmentation", "survival", "nnunet"])
     p.add_argument("--out", required=True, type=Path, help="bundle folder to create (must not exist or be empty); "
                    "--task nnunet: the weights file to create (FILE.pth; FILE.md is written beside it)")

@@ -83,7 +83,9 @@ class DataConfig:
     crops_per_volume: int = 2
     """Random crops drawn from each volume each time it is visited."""
     batch_size: int = 2
-    """Crops per step per process (so the global batch is batch_size * world size)."""
+    """Dataset items (volumes) per micro-batch per process; each gives ``crops_per_volume`` crops, so a
+    micro-batch holds ``batch_size * crops_per_volume`` crops and a step ``grad_accum`` micro-batches
+    (the global batch is that times the world size)."""
     num_workers: int = 4
     """DataLoader worker processes per training process."""
     on_bad_entry: Literal["skip", "fail"] = "skip"

@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_pretrain.py: pretrain a few steps with the real trainer, then
-report, per rank, the dataset items it read and a checksum of its final weights.
+report, per rank, the dataset items it read, a checksum of its final weights and, per micro-batch,
+whether DDP was to all-reduce its gradients (two micro-batches per step: only the second).
 
 Usage: torchrun --standalone --nproc_per_node=2 tests/scripts/ddp_pretrain.py MANIFEST OUTPUT
 """
@@ -28,14 +29,17 @@ def recording_getitem(self, key):
 
 dataset_module.PretrainDataset.__getitem__ = recording_getitem
 
-cfg = load_config("resnet-dae-tiny", ["data.num_workers=0", "train.checkpoint_every=2"])
+cfg = load_config("resnet-dae-tiny", ["data.num_workers=0", "train.checkpoint_every=2", "train.grad_accum=2",
+                                       "data.batch_size=1"])
 ctx = setup_distributed("cpu")
 run = Pretraining(cfg, manifest, output, ctx)
+syncs: list[bool] = []
+run.module.register_forward_pre_hook(lambda module, args: syncs.append(run.ddp.require_backward_grad_sync))
 result = run.run(max_steps=3)
 weights = torch.cat([p.detach().flatten() for p in run.module.parameters()])
 gathered = [None] * ctx.world_size
 dist.all_gather_object(gathered, {"rank": ctx.rank, "items": items_read, "weights": weights.double().sum().item(),
-                                  "weights_abs": weights.double().abs().sum().item()})
+                                  "weights_abs": weights.double().abs().sum().item(), "syncs": syncs})
 if ctx.is_main:
     (output / "ddp_report.json").write_text(json.dumps({"ranks": gathered, "losses": result.losses}))
 del run  # DDP must release the process group before it is destroyed (see teardown_distributed)

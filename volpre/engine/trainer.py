@@ -271,10 +271,13 @@ class Pretraining:
         self.ema = None
         if cfg.train.ema_decay > 0:
             self.ema = build_ema(self.module, ctx.device)
+        # self.model is what the step calls (DDP and/or compiled); self.ddp keeps the DDP wrapper itself,
+        # whose no_sync() skips the all-reduce of non-final micro-batches even when compile wraps it
         self.model: torch.nn.Module = self.module
+        self.ddp: DistributedDataParallel | None = None
         if ctx.world_size > 1:
             ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)
+            self.model = self.ddp = DistributedDataParallel(self.module, device_ids=ids)
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         self.optimizer = torch.optim.AdamW(param_groups(self.module, cfg.train.weight_decay), lr=cfg.train.lr,
@@ -443,10 +446,11 @@ class Pretraining:
         loss_sum, parts_sum, images = None, {}, {}
         want_images = self.ctx.is_main and (self.step + 1) % t.image_every == 0
         for i, batch in enumerate(micro_batches):
-            no_sync = i < n - 1 and isinstance(self.model, DistributedDataParallel)
+            # gradients of non-final micro-batches stay local (no all-reduce); the final one reduces them all
+            sync = self.ddp is None or i == n - 1
             # the step's random numbers are drawn eagerly, outside the (compiled) model
             draws = self.module.draw(batch, self.generator)
-            with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.autocast(self.ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = self.model(batch, draws)
                 self.scaler.scale(out.loss / n).backward()

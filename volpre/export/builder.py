@@ -208,7 +208,7 @@ def _write_json(data: Any, path: Path) -> None:
 
 
 def export_bundle(
-    checkpoint: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | PretrainedEncoder,
     task: Literal["segmentation", "survival"],
     out: str | os.PathLike[str],
     network: str | None = None,
@@ -221,7 +221,9 @@ def export_bundle(
     """Write a MONAI bundle that fine-tunes the encoder of ``checkpoint``; return its folder.
 
     Args:
-        checkpoint: a volpre pretraining checkpoint (e.g. ``RUN/checkpoints/last.pt``).
+        checkpoint: a volpre pretraining checkpoint (e.g. ``RUN/checkpoints/last.pt``), or encoder
+            weights already read (:func:`volpre.export.source.read_encoder_weights`, for
+            ``volpre export --encoder-weights``; ``weights`` is then ignored).
         task: ``"segmentation"`` (SwinUNETR for Swin, FlexibleUNet for ResNet encoders) or
             ``"survival"`` (``volpre.survival.SurvivalNet``).
         out: the bundle folder to create (must not exist, or be empty).
@@ -247,7 +249,8 @@ def export_bundle(
         ValueError: an argument does not fit the task, the encoder or the network.
         FileExistsError: ``out`` exists and is not an empty directory.
     """
-    pretrained = read_pretrained_encoder(checkpoint, weights=weights)
+    pretrained = (checkpoint if isinstance(checkpoint, PretrainedEncoder)
+                  else read_pretrained_encoder(checkpoint, weights=weights))
     cfg = pretrained.config
     roi, roi_note = default_roi(task, network, pretrained, roi_size)
     name = _check_choices(task, network, pretrained, out_channels, roi, modality)
@@ -327,6 +330,18 @@ def _json_block(values: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in values.items()) + "\n}"
 
 
+def _weights_origin(pretrained: PretrainedEncoder, provenance: Provenance) -> str:
+    """The docs' sentence on where ``models/pretrained_encoder.pt`` comes from."""
+    file, digest = provenance.checkpoint["file"], provenance.checkpoint["sha256"]
+    if pretrained.pretrained_by_volpre:
+        return (f"the encoder of the volpre checkpoint `{file}` (SHA-256 `{digest}`; {pretrained.weights} weights), "
+                f"pretrained with the `{pretrained.config.objective.name}` objective for {pretrained.step} optimiser "
+                "steps")
+    return (f"the encoder weights of `{file}` (SHA-256 `{digest}`; {pretrained.origin} layout, exported with "
+            "`volpre export --encoder-weights`, not pretrained by volpre: the objective, pretraining data and "
+            "versions below are not known)")
+
+
 def _render_readme(template_path: Path, pretrained: PretrainedEncoder, provenance: Provenance, network: str,
                    metadata: dict[str, Any], values: dict[str, Any]) -> str:
     """The bundle's docs: file names and digests for provenance; BUNDLE and MANIFEST placeholders in commands."""
@@ -337,15 +352,13 @@ def _render_readme(template_path: Path, pretrained: PretrainedEncoder, provenanc
     fields = {
         "network": network,
         "encoder": cfg.model.encoder,
-        "objective": cfg.objective.name,
-        "step": str(pretrained.step),
-        "weights": pretrained.weights,
-        "checkpoint": provenance.checkpoint["file"],
-        "checkpoint_sha256": provenance.checkpoint["sha256"],
+        "weights_origin": _weights_origin(pretrained, provenance),
+        "objective": cfg.objective.name if pretrained.pretrained_by_volpre else "none (not pretrained by volpre)",
         "pretrain_manifest": provenance.manifest.get("file", "not recorded"),
         "pretrain_manifest_sha256": provenance.manifest.get("sha256", "not recorded"),
         "encoder_config": _json_block(encoder_config),
-        "objective_config": _json_block(cfg.to_dict()["objective"][cfg.objective.name]),
+        "objective_config": (_json_block(cfg.to_dict()["objective"][cfg.objective.name])
+                             if pretrained.pretrained_by_volpre else "{}"),
         "preprocess_config": _json_block(cfg.to_dict()["preprocess"]),
         "pretrain_versions": _json_block(pretrained.versions),
         "bundle_versions": _json_block(metadata["required_packages_version"]),

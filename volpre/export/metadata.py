@@ -116,21 +116,25 @@ def fill_metadata(
         f"Swin (feature_size {cfg.model.swin.feature_size})" if cfg.model.encoder == "swin"
         else f"ResNet-{cfg.model.resnet.depth}"
     )
-    meta["changelog"] = {
-        meta["version"]: (
-            f"exported by volpre {__version__} from {pretrained.checkpoint.name} "
-            f"({objective} pretraining, step {pretrained.step}, {pretrained.weights} weights)"
-        )
-    }
+    if pretrained.pretrained_by_volpre:
+        origin = f"{objective} pretraining, step {pretrained.step}, {pretrained.weights} weights"
+        trained = f"was pretrained without labels by volpre ({objective}, {pretrained.step} steps)"
+    else:
+        objective = None
+        origin = f"{pretrained.origin} encoder weights, not pretrained by volpre"
+        trained = f"starts from {pretrained.origin} weights ({pretrained.checkpoint.name}; not pretrained by volpre)"
+    meta["changelog"] = {meta["version"]: f"exported by volpre {__version__} from {pretrained.checkpoint.name} ({origin})"}
     meta["description"] = (
-        f"{network} whose encoder, a {encoder_text}, was pretrained without labels by volpre ({objective}, "
-        f"{pretrained.step} steps). Fine-tune it with configs/train.json on a volpre manifest; "
-        "see docs/README.md."
+        f"{network} whose encoder, a {encoder_text}, {trained}. Fine-tune it with configs/train.json on a volpre "
+        "manifest; see docs/README.md."
     )
     manifest = provenance.manifest
     meta["data_source"] = (
         f"your volpre manifest (--manifest); the encoder was pretrained on manifest {manifest.get('file', 'unknown')} "
         f"(sha256 {manifest.get('sha256', 'unknown')})"
+        if pretrained.pretrained_by_volpre else
+        f"your volpre manifest (--manifest); the encoder's weights come from {pretrained.checkpoint.name}, not from "
+        "volpre pretraining"
     )
     meta["image_classes"] = _image_description(pretrained, modality)
     image = {
@@ -183,6 +187,7 @@ def fill_metadata(
         }
         meta["network_data_format"] = {"inputs": {"image": image}, "outputs": {"pred": pred}}
     meta["volpre_pretraining"] = {
+        "origin": pretrained.origin,
         "checkpoint": provenance.checkpoint,
         "weights": pretrained.weights,
         "objective": objective,

@@ -15,6 +15,10 @@ names the file:
 - weights that do not fit the encoder the checkpoint's own config describes (every missing,
   unexpected and misshapen key listed);
 - weights holding NaN or Inf (a diverged run), naming the tensors.
+
+:func:`read_encoder_weights` does the same for encoder weights from outside volpre pretraining
+(``volpre export --encoder-weights``: MedicalNet files, volpre bundles), read with the key maps of
+:mod:`volpre.models.init_weights` into the encoder a run config describes, strictly.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ class PretrainedEncoder:
     """An encoder's tensors and what is known about how they were trained."""
 
     checkpoint: Path
-    """The checkpoint file they come from."""
+    """The file they come from (a checkpoint, or the ``--encoder-weights`` file)."""
     config: RunConfig
-    """The pretraining run config (``config.model`` describes the encoder)."""
+    """The pretraining run config (``config.model`` describes the encoder; for ``--encoder-weights``,
+    the config given with them)."""
     state: dict[str, torch.Tensor]
     """Encoder keys (as in ``volpre.models.build_encoder(config.model).state_dict()``) -> CPU tensors."""
     weights: Literal["model", "ema"]
@@ -57,6 +62,14 @@ class PretrainedEncoder:
     """Package versions the checkpoint was trained with (``volpre``, ``monai``, ``torch``, ...)."""
     manifest: dict[str, Any] | None
     """``{"path": ..., "sha256": ...}`` of the pretraining manifest, if recorded."""
+    origin: str = "volpre"
+    """``"volpre"`` for weights a volpre pretraining run trained; else the layout of the weights file
+    exported with ``--encoder-weights`` (``"medicalnet"``, ``"bundle"``): no objective, steps or
+    pretraining data are known for them."""
+
+    @property
+    def pretrained_by_volpre(self) -> bool:
+        return self.origin == "volpre"
 
     @property
     def encoder(self) -> str:
@@ -166,3 +179,39 @@ def read_pretrained_encoder(
         versions={str(k): str(v) for k, v in saved["versions"].items()},
         manifest=saved.get("manifest"),
     )
+
+
+ENCODER_WEIGHT_FORMATS = ("auto", "medicalnet", "bundle")
+"""Layouts ``volpre export --encoder-weights`` reads (a volpre checkpoint is exported as itself)."""
+
+
+def read_encoder_weights(path: str | os.PathLike[str], config: RunConfig, fmt: str = "auto") -> PretrainedEncoder:
+    """Encoder weights from outside volpre pretraining, loaded strictly into ``config.model``'s encoder.
+
+    ``fmt``: one of :data:`ENCODER_WEIGHT_FORMATS` (``auto``: recognised from the file); the key
+    maps are :func:`volpre.models.init_weights.read_init_state`'s. The result has ``step`` 0, no
+    manifest, and ``origin`` the layout read.
+
+    Raises:
+        CheckpointError: the file cannot be read, its layout is unknown or refused (MONAI's
+            ``model_swinvit.pt``), it is a volpre checkpoint (export it directly), or it holds NaN/Inf.
+        WeightsError: its tensors do not fit the encoder (every missing, unexpected and misshapen key).
+    """
+    from volpre.models.init_weights import InitWeightsError, read_init_state
+
+    if fmt not in ENCODER_WEIGHT_FORMATS:
+        raise CheckpointError(f"--init-format: got {fmt!r}; --encoder-weights reads {', '.join(ENCODER_WEIGHT_FORMATS)}")
+    try:
+        state, found, file = read_init_state(path, fmt, option="--encoder-weights")
+    except InitWeightsError as exc:
+        raise CheckpointError(str(exc)) from exc
+    if found == "volpre":
+        raise CheckpointError(f"--encoder-weights {file}: a volpre pretraining checkpoint; export it as itself "
+                              f"(volpre export {file} --task ...), which keeps its config and record")
+    model = config.model
+    check_state_dict(build_encoder(model).state_dict(), state, source=f"--encoder-weights {file} ({found} layout)",
+                     target=f"the {model.encoder} encoder of the given config (model section, "
+                            f"in_channels={model.in_channels})")
+    check_finite(state, f"--encoder-weights {file}")
+    return PretrainedEncoder(checkpoint=file, config=config, state={k: v.detach().cpu() for k, v in state.items()},
+                             weights="model", step=0, versions={}, manifest=None, origin=found)

@@ -49,14 +49,14 @@ class InitWeightsError(ValueError):
     """An ``--init`` file cannot be used: unreadable, of an unknown or refused layout."""
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path, option: str = "--init") -> Any:
     if not path.is_file():
-        raise InitWeightsError(f"--init {path}: no such file")
+        raise InitWeightsError(f"{option} {path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
         first = (str(exc).splitlines() or [""])[0][:200]
-        raise InitWeightsError(f"--init {path}: cannot be read ({type(exc).__name__}: {first})") from exc
+        raise InitWeightsError(f"{option} {path}: cannot be read ({type(exc).__name__}: {first})") from exc
 
 
 def _is_tensor_map(value: Any) -> bool:
@@ -79,9 +79,11 @@ def detect_format(data: Any) -> str | None:
     return None
 
 
-def read_init_state(path: str | os.PathLike[str], fmt: str = "auto") -> tuple[dict[str, torch.Tensor], str, Path]:
+def read_init_state(path: str | os.PathLike[str], fmt: str = "auto",
+                    option: str = "--init") -> tuple[dict[str, torch.Tensor], str, Path]:
     """The encoder state dict in ``path`` under volpre's encoder keys, the format it was read as, and the file
-    read (a bundle folder's ``models/pretrained_encoder.pt``).
+    read (a bundle folder's ``models/pretrained_encoder.pt``). ``option`` names the file in messages
+    (``--init``, or ``--encoder-weights`` of ``volpre export``).
 
     Raises:
         InitWeightsError: the file cannot be read, its layout is not ``fmt`` (or none is recognised with
@@ -92,21 +94,21 @@ def read_init_state(path: str | os.PathLike[str], fmt: str = "auto") -> tuple[di
     path = Path(path)
     if path.is_dir():  # a bundle folder
         path = path / BUNDLE_ENCODER_FILE
-    data = _load(path)
+    data = _load(path, option)
     found = detect_format(data)
     if fmt == "auto":
         if found is None:
             raise InitWeightsError(
-                f"--init {path}: not a layout volpre knows (a volpre checkpoint, a volpre bundle's encoder file, a "
+                f"{option} {path}: not a layout volpre knows (a volpre checkpoint, a volpre bundle's encoder file, a "
                 "MedicalNet {'state_dict': {'module.conv1.weight', ...}} file, or MONAI's model_swinvit.pt)")
         fmt = found
     elif found != fmt:
-        raise InitWeightsError(f"--init {path}: --init-format {fmt}, but the file's layout is "
+        raise InitWeightsError(f"{option} {path}: --init-format {fmt}, but the file's layout is "
                                f"{found or 'none volpre knows'}")
     if fmt == "monai-swin-ssl":
         import monai
 
-        raise InitWeightsError(f"--init {path}: " + SWIN_SSL_REFUSAL.format(monai=monai.__version__))
+        raise InitWeightsError(f"{option} {path}: " + SWIN_SSL_REFUSAL.format(monai=monai.__version__))
     if fmt == "medicalnet":
         return {key[len("module."):]: value for key, value in data["state_dict"].items()}, fmt, path
     if fmt == "volpre":
