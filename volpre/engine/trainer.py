@@ -286,6 +286,10 @@ class Pretraining:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.total_steps, t.lr, t.min_lr) / t.lr)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=t.amp == "fp16")
+        if ctx.device.type == "cpu" and t.amp == "bf16" and ctx.is_main:
+            log.warning("train.amp=bf16 on the CPU: PyTorch's CPU bf16 kernels gave intermittent non-finite gradients "
+                        "in volpre's tests (MONAI's UnetResBlock on small maps), which stop the run as divergence; "
+                        "the -tiny CPU profiles use train.amp=none")
         self.generator = torch.Generator(device=ctx.device)
         torch.manual_seed(t.seed + 1 + ctx.rank)
         np.random.seed((t.seed + 1 + ctx.rank) % 2**32)
