@@ -268,7 +268,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         bundle = export_bundle(args.checkpoint, args.task, args.out, network=args.network, manifest=args.manifest,
                                modality=args.modality or "CT", out_channels=args.out_channels,
-                               roi_size=tuple(args.roi) if args.roi else None, weights=args.weights)
+                               roi_size=tuple(args.roi) if args.roi else None, weights=args.weights,
+                               ct_window=tuple(args.ct_window) if args.ct_window else None)
     except (ValueError, FileExistsError) as error:  # arguments that do not fit the checkpoint or task
         raise UserError(str(error)) from error
     print(f"wrote {args.task} bundle {bundle}")
@@ -483,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "SwinUNETR, the smallest it trains on)")
     p.add_argument("--weights", choices=["model", "ema"], default="model",
                    help="export the trained weights or their moving average (if the run kept one)")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="CT fine-tuning intensity window in HU, clipped and scaled to [0, 1] (default: the "
+                   "pretraining window; e.g. -175 250 for abdominal soft tissue, as MONAI's BTCV recipe)")
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("evaluate", help="evaluate a pretrained encoder: label efficiency against scratch, "
