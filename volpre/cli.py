@@ -292,7 +292,8 @@ def _cmd_evaluate_label_efficiency(args: argparse.Namespace) -> int:
         results = evaluate_label_efficiency(
             args.pretrained, args.manifest, args.out, args.task, fractions, args.seeds, max_steps=args.max_steps,
             network=args.network, modality=args.modality, out_channels=args.out_channels,
-            roi_size=tuple(args.roi) if args.roi else None, overrides=parse_bundle_overrides(args.overrides),
+            roi_size=tuple(args.roi) if args.roi else None, ct_window=tuple(args.ct_window) if args.ct_window else None,
+            overrides=parse_bundle_overrides(args.overrides),
             say=lambda line: print(line, file=sys.stderr, flush=True))
     except (EvaluationError, FileExistsError) as error:
         raise UserError(str(error)) from error
@@ -501,14 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "train.json on them twice, from the pretrained encoder and from scratch, with the same "
                         "seed and step budget. Each run's final weights are scored on the fixed val split (Dice "
                         "over foreground classes, or C-index). Writes OUT/results.json and OUT/label_efficiency.png "
-                        "and prints mean ± sd over seeds per fraction and arm.")
+                        "and prints, per fraction, each arm's mean over seeds and the paired difference pretrained - "
+                        "scratch, each with its 95% Student t interval over seeds. A pretrained encoder gets a "
+                        "tenth of the head's learning rate, a scratch one the full rate (each record says so); "
+                        "pass encoder_learning_rate=VALUE for equal rates.")
     q.add_argument("--pretrained", required=True, type=Path, metavar="CKPT",
                    help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
     q.add_argument("--manifest", required=True, type=Path,
                    help="volpre manifest: split train is sampled by subject, split val scores every run")
-    q.add_argument("--fractions", required=True,
-                   help="comma-separated fractions in (0, 1] of the labelled training subjects, e.g. 0.1,0.25,1.0")
-    q.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
+    q.add_argument("--fractions", default="0.05,0.1,0.25,1.0",
+                   help="comma-separated fractions in (0, 1] of the labelled training subjects, each at least one "
+                   "subject (two for survival) (default: 0.05,0.1,0.25,1.0)")
+    q.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3; the 95%% intervals "
+                   "need at least 2)")
     q.add_argument("--max-steps", type=int, help="optimiser steps per run (default: the bundle's max_epochs, "
                    "so smaller fractions take fewer steps)")
     q.add_argument("--task", choices=["segmentation", "survival"], default="segmentation")
@@ -519,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(3 for the demo data)")
     q.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="crop size for fine-tuning (default: the pretraining crop; SwinUNETR needs >= 64)")
+    q.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="CT fine-tuning window in HU (default: the pretraining window; e.g. -175 250, as "
+                   "volpre export --ct-window)")
     q.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
     q.add_argument("overrides", nargs="*", metavar="key=value",
                    help="bundle config overrides for every run, e.g. num_workers=0 learning_rate=3e-4")
