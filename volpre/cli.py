@@ -70,8 +70,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from volpre.data.synthetic import write_demo_data
 
-    manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed)
-    print(f"wrote demo data for {args.subjects} subjects; manifest: {manifest}")
+    try:
+        manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed, size=args.size)
+    except (ValueError, FileExistsError) as error:
+        raise UserError(str(error)) from error
+    print(f"wrote demo data for {args.subjects} subjects ({args.size}); manifest: {manifest}")
     return 0
 
 
@@ -392,6 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["full", "small"], default="full",
+                   help="full: torso CTs (400 mm field of view) and head MRs; small: the same subjects with "
+                   "liver-targeted CTs (160 mm field of view, 180 mm long) and MRs at twice the voxel size, "
+                   "about 8 times smaller (default: full)")
     p.set_defaults(run=_cmd_demo_data)
 
     p = sub.add_parser("manifest", help="convert manifests to and from MONAI decathlon datalists")
