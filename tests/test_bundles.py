@@ -9,6 +9,7 @@ runs in a subprocess whose working directory is *not* the bundle, as users launc
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -44,6 +45,8 @@ ONE_EPOCH = {
 WORKFLOW_OVERRIDES = {"flexibleunet": {"num_workers": 0}, "swinunetr": {"num_workers": 0},
                       "survivalnet": {"num_workers": 0, "val_split": "train"}}
 """The same, for in-process ``ConfigWorkflow``s (whose property check builds the datasets)."""
+FINETUNE_WINDOW = (-175.0, 250.0)
+"""The flexibleunet bundle's fine-tuning CT window (MONAI's BTCV recipe); the others keep the pretraining window."""
 
 
 def subprocess_env() -> dict[str, str]:
@@ -103,7 +106,8 @@ def bundles(tmp_path_factory, checkpoints) -> dict[str, Path]:
     """Exported without --manifest, as a bundle meant for sharing: every run names its manifest."""
     root = tmp_path_factory.mktemp("bundles")
     return {
-        "flexibleunet": export_bundle(checkpoints["resnet"], "segmentation", root / "flexibleunet", out_channels=3),
+        "flexibleunet": export_bundle(checkpoints["resnet"], "segmentation", root / "flexibleunet", out_channels=3,
+                                      ct_window=FINETUNE_WINDOW),
         "swinunetr": export_bundle(checkpoints["swin"], "segmentation", root / "swinunetr", out_channels=3,
                                    roi_size=(64, 64, 64)),
         "survivalnet": export_bundle(checkpoints["swin"], "survival", root / "survivalnet"),
@@ -172,6 +176,42 @@ def test_verify_net_in_out(name, bundles, elsewhere):
                              "--config_file", configs(bundle, "train.json"), "--device", "cpu", *where,
                              cwd=elsewhere if where else bundle))
     assert "data shape of network is verified with no error" in out
+
+
+def test_the_fine_tuning_ct_window_reaches_the_transforms_and_the_metadata(bundles, manifest):
+    from monai.transforms import Compose, SpatialPad
+
+    from volpre.data.transforms import preprocess_transforms
+    from volpre.export.datalist import segmentation_records
+
+    bundle = bundles["flexibleunet"]
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["volpre_finetuning"]["ct_window"] == [-175.0, 250.0]
+    assert meta["volpre_finetuning"]["pretraining_ct_window"] == [-1000.0, 1000.0]
+    assert meta["volpre_pretraining"]["preprocess"]["ct_window"] == [-1000.0, 1000.0]
+    assert "[-175.0, 250.0]" in (bundle / "docs" / "README.md").read_text()
+    other = json.loads((bundles["survivalnet"] / "configs" / "metadata.json").read_text())
+    assert other["volpre_finetuning"]["ct_window"] == [-1000.0, 1000.0]  # default: the pretraining window
+
+    parsers = {}
+    for config in ("train.json", "inference.json"):
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / config))
+        parser.update({"manifest": str(manifest)})
+        assert parser.get_parsed_content("ct_window") == [-175.0, 250.0]
+        parsers[config] = parser
+    record = segmentation_records(manifest, "train", "CT")[0]
+    windowed = Compose(parsers["train.json"].get_parsed_content("deterministic_transforms"))(dict(record))["image"]
+    predicted = Compose(parsers["inference.json"].get_parsed_content("preprocessing").transforms)(
+        {k: v for k, v in record.items() if k != "label"})["image"]
+    # the reference: the same volume in HU (volpre's preprocessing before any window), windowed by hand
+    hu = preprocess_transforms(parsers["train.json"].get_parsed_content("preprocess"), "CT")(
+        {k: v for k, v in record.items() if k != "label"})["image"]
+    expected = SpatialPad(parsers["train.json"].get_parsed_content("roi_size"), value=0.0)(
+        torch.clamp((torch.as_tensor(hu) + 175.0) / 425.0, 0.0, 1.0))
+    assert windowed.shape == expected.shape == predicted.shape
+    assert torch.allclose(torch.as_tensor(windowed), torch.as_tensor(expected), atol=1e-6)
+    assert torch.allclose(torch.as_tensor(predicted), torch.as_tensor(expected), atol=1e-6)  # inference: the same
 
 
 # ----------------------------------------------------------------------------- ConfigWorkflow

@@ -17,18 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 from ignite.engine import Engine
 from matplotlib.image import imread
 from monai.bundle import ConfigParser
 from monai.inferers import sliding_window_inference
 
-from volpre.cli import main
+from volpre.cli import build_parser, main
 from volpre.config import load_config
 from volpre.data.manifest import Manifest, ManifestEntry, load_manifest, save_manifest
 from volpre.evaluate import EvaluationError, StepBudget, parse_bundle_overrides, sample_subjects
+from volpre.evaluate.label_efficiency import DEFAULT_FRACTIONS, DEFAULT_SEEDS
 from volpre.evaluate.runs import check_bundle_overrides, run_workflow
 from volpre.evaluate.sampling import check_fractions, select_evaluation_data, subset_size
-from volpre.evaluate.summary import format_table, plot_label_efficiency, summarize
+from volpre.evaluate.summary import difference_verdict, format_table, plot_label_efficiency, summarize, t_interval
 from volpre.export.templates import templates_root
 
 TINY = ["preprocess.spacing=[8.0,8.0,8.0]", "data.num_workers=0", "train.checkpoint_every=2"]
@@ -81,7 +83,8 @@ def segmentation_run(tmp_path_factory, checkpoint, segmentation_manifest):
     out = tmp_path_factory.mktemp("evaluate_seg_out") / "le"
     status, stdout, stderr = run_cli(
         "evaluate", "label-efficiency", "--pretrained", str(checkpoint), "--manifest", str(segmentation_manifest),
-        "--fractions", "0.5,1.0", "--seeds", "1", "--max-steps", "1", "--out-channels", "3", "--roi", "32", "32", "32",
+        "--fractions", "0.2,0.25,1.0", "--seeds", "1", "--max-steps", "1", "--out-channels", "3",
+        "--roi", "32", "32", "32", "--ct-window", "-175", "250",
         "--out", str(out), *FAST)
     assert status == 0, stderr[-3000:]
     return out, stdout, stderr
@@ -230,7 +233,11 @@ RECORDS = [
 ]
 
 
-def test_summary_statistics_against_numpy():
+T_975_2DF = 4.303
+"""Student t, 97.5% quantile, 2 degrees of freedom, from a printed table (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2)."""
+
+
+def test_summary_statistics_against_a_hand_computation():
     rows = summarize(RECORDS, [0.5, 1.0])
     half = rows[0]
     assert half["train_subjects"] == [2] and half["train_entries"] == [3, 4]
@@ -238,30 +245,63 @@ def test_summary_statistics_against_numpy():
         assert half[arm]["mean"] == pytest.approx(np.mean(values))
         assert half[arm]["sd"] == pytest.approx(np.std(values, ddof=1))
         assert half[arm]["n_seeds"] == 3
-    assert half["difference"]["mean"] == pytest.approx(np.mean([0.10, 0.25, 0.10]))
-    assert half["difference"]["sd"] == pytest.approx(np.std([0.10, 0.25, 0.10], ddof=1))
-    assert rows[1]["pretrained"] == {"mean": pytest.approx(0.80), "sd": None, "n_seeds": 1}
+    # by hand: both arms have sd 0.05, so mean -/+ 4.303 * 0.05 / sqrt(3) = mean -/+ 0.1242
+    assert half["pretrained"]["ci95"] == pytest.approx([0.65 - 0.1242, 0.65 + 0.1242], abs=2e-4)
+    assert half["scratch"]["ci95"] == pytest.approx([0.50 - 0.1242, 0.50 + 0.1242], abs=2e-4)
+    # the paired differences 0.10, 0.25, 0.10: mean 0.15, sd 0.0866, half-width 4.303 * 0.0866 / sqrt(3) = 0.2152
+    difference = half["difference"]
+    assert difference["mean"] == pytest.approx(0.15) and difference["sd"] == pytest.approx(0.0866, abs=1e-4)
+    assert difference["ci95"] == pytest.approx([0.15 - T_975_2DF * 0.0866025 / 3**0.5,
+                                                0.15 + T_975_2DF * 0.0866025 / 3**0.5], abs=1e-4)
+    assert difference["ci95"] == pytest.approx([-0.0652, 0.3652], abs=2e-4)
+    # and as scipy's one-sample t test states it
+    assert difference["ci95"] == pytest.approx(list(scipy_stats.ttest_1samp([0.10, 0.25, 0.10], 0.0)
+                                                    .confidence_interval(0.95)))
+    assert rows[1]["pretrained"] == {"mean": pytest.approx(0.80), "sd": None, "n_seeds": 1, "ci95": None}
     table = format_table(rows, "val_mean_dice", "Dice")
-    assert re.search(r"0\.5\s+2\s+3-4\s+0\.6500 ± 0\.0500\s+0\.5000 ± 0\.0500\s+\+0\.1500 ± 0\.0866\s+3",
-                     table), table
-    assert re.search(r"1\s+4\s+6\s+0\.8000 ± n/a\s+0\.7500 ± n/a\s+\+0\.0500 ± n/a\s+1", table), table
+    assert "[95% Student t interval over seeds (n - 1 degrees of freedom)]" in table
+    assert re.search(r"0\.5\s+2\s+3-4\s+0\.6500 \[0\.5258, 0\.7742\]\s+0\.5000 \[0\.3758, 0\.6242\]\s+"
+                     r"\+0\.1500 \[-0\.0651, \+0\.3651\]\s+3", table), table
+    assert re.search(r"1\s+4\s+6\s+0\.8000 \[n/a\]\s+0\.7500 \[n/a\]\s+\+0\.0500 \[n/a\]\s+1", table), table
+    assert table.splitlines()[-1] == "pretrained - scratch, 95% interval: 0.5: contains 0; 1: no interval (1 seed)"
 
 
-def test_plot_has_both_arms_all_fractions_and_sd_error_bars(tmp_path):
+def test_t_interval_of_two_values_and_the_verdicts():
+    # two values: t(0.975, 1) = 12.706 (table); mean 1, sd sqrt(2), half-width 12.706 * sqrt(2) / sqrt(2)
+    low, high = t_interval([0.0, 2.0])
+    assert (low, high) == pytest.approx((1.0 - 12.706, 1.0 + 12.706), abs=1e-3)
+    assert t_interval([0.3]) is None and t_interval([]) is None
+    assert difference_verdict({"ci95": [0.01, 0.2], "n_seeds": 3}) == "above 0"
+    assert difference_verdict({"ci95": [-0.2, -0.01], "n_seeds": 3}) == "below 0"
+    assert difference_verdict({"ci95": [-0.2, 0.01], "n_seeds": 3}) == "contains 0"
+
+
+def test_plot_has_both_arms_the_difference_and_95_percent_error_bars(tmp_path):
     rows = summarize(RECORDS, [0.5, 1.0])
     figure = plot_label_efficiency(rows, "Dice", "test", tmp_path / "plot.png")
-    axes = figure.axes[0]
-    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["pretrained (seeds: 1-3)",
-                                                                     "scratch (seeds: 1-3)"]
-    lines = axes.get_lines()
-    data_lines = [line for line in lines if line.get_marker() in ("o", "s")]
+    arms_axes, difference_axes = figure.axes
+    assert [t.get_text() for t in arms_axes.get_legend().get_texts()] == ["pretrained (seeds: 1-3)",
+                                                                          "scratch (seeds: 1-3)"]
+    data_lines = [line for line in arms_axes.get_lines() if line.get_marker() in ("o", "s")]
     assert [list(line.get_xdata()) for line in data_lines] == [[0.5, 1.0], [0.5, 1.0]]
     assert list(data_lines[0].get_ydata()) == pytest.approx([0.65, 0.80])
-    lower_caps, upper_caps = axes.containers[0].lines[1]  # pretrained: mean -/+ sd at each fraction
-    assert list(lower_caps.get_ydata()) == pytest.approx([0.60, 0.80])  # one seed at 1.0: no error bar
-    assert list(upper_caps.get_ydata()) == pytest.approx([0.70, 0.80])
+    lower_caps, upper_caps = arms_axes.containers[0].lines[1]  # pretrained: the 95% interval at each fraction
+    assert list(lower_caps.get_ydata()) == pytest.approx([0.5258, 0.80], abs=1e-4)  # one seed at 1.0: no bar
+    assert list(upper_caps.get_ydata()) == pytest.approx([0.7742, 0.80], abs=1e-4)
+    lower_caps, upper_caps = difference_axes.containers[0].lines[1]
+    assert list(lower_caps.get_ydata()) == pytest.approx([-0.0652, 0.05], abs=1e-4)
+    assert list(upper_caps.get_ydata()) == pytest.approx([0.3652, 0.05], abs=1e-4)
+    assert any(list(line.get_ydata()) == [0.0, 0.0] for line in difference_axes.get_lines())  # the zero line
+    assert arms_axes.get_xscale() == "log"
     image = imread(tmp_path / "plot.png")
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_the_command_defaults_are_the_standard_protocol():
+    args = build_parser().parse_args(["evaluate", "label-efficiency", "--pretrained", "c.pt", "--manifest", "m.json",
+                                      "--out", "o"])
+    assert tuple(float(f) for f in args.fractions.split(",")) == DEFAULT_FRACTIONS == (0.05, 0.1, 0.25, 1.0)
+    assert args.seeds == DEFAULT_SEEDS == 3
 
 
 # ----------------------------------------------------------------------------- bundle overrides
@@ -282,6 +322,7 @@ def test_bundle_overrides_are_parsed_as_json_or_kept_as_text():
     ("manifest", None, r"bundle override 'manifest': set by each run's subset manifest; remove the override"),
     ("network_def#backbone", None, r"bundle override 'network_def#backbone': set by the checkpoint and --network"),
     ("max_epochs", 10, r"bundle override 'max_epochs': set by --max-steps"),
+    ("ct_window", None, r"bundle override 'ct_window': set by --ct-window"),
     ("learning_rat", None, r"bundle override 'learning_rat': .*train\.json has no such key"),
 ])
 def test_bundle_overrides_the_evaluation_sets_or_the_bundle_lacks_are_refused(key, max_steps, message):
@@ -300,26 +341,42 @@ def test_command_writes_results_and_plot_for_both_arms_and_all_fractions(segment
     assert results["complete"] is True
     config = results["config"]
     assert config["task"] == "segmentation" and config["metric"] == "val_mean_dice"
-    assert config["fractions"] == [0.5, 1.0] and config["seeds"] == [0] and config["max_steps"] == 1
+    assert config["fractions"] == [0.2, 0.25, 1.0] and config["seeds"] == [0] and config["max_steps"] == 1
+    assert config["ci_method"] == "Student t interval over seeds (n - 1 degrees of freedom)"
+    assert config["ct_window"] == [-175.0, 250.0]  # the fine-tuning window, also in the bundle's metadata
+    metadata = json.loads((out / "bundle" / "configs" / "metadata.json").read_text())
+    assert metadata["volpre_finetuning"]["ct_window"] == [-175.0, 250.0]
     assert config["roi_size"] == [32, 32, 32] and config["bundle_overrides"] == {"num_workers": 0, "batch_size": 1,
                                                                                "num_samples": 2}
     assert config["train_pool"] == {"subjects": 4, "entries": 6}
     assert config["val"] == {"subjects": 1, "entries": 1, "ids": ["s006-ct0"]}
     records = results["records"]
-    assert [(r["fraction"], r["arm"]) for r in records] == [(0.5, "pretrained"), (0.5, "scratch"),
+    assert [(r["fraction"], r["arm"]) for r in records] == [(0.2, "pretrained"), (0.2, "scratch"),
+                                                            (0.25, "pretrained"), (0.25, "scratch"),
                                                             (1.0, "pretrained"), (1.0, "scratch")]
     assert all(r["steps"] == 1 and 0.0 <= r["metric"] <= 1.0 and r["seed"] == 0 for r in records)
-    assert [r["train_subjects"] for r in records] == [2, 2, 4, 4]
-    assert [r["train_entries"] for r in records][2:] == [6, 6]
-    assert [r["encoder_learning_rate"] for r in records[:2]] == [1e-5, 1e-4]  # the bundle's per-arm encoder lr
+    assert [r["train_subjects"] for r in records] == [1, 1, 1, 1, 4, 4]
+    assert [r["train_entries"] for r in records][4:] == [6, 6]
+    # the bundle's per-arm learning rates, stated in every record
+    assert [(r["learning_rate"], r["encoder_learning_rate"], r["encoder_rate"]) for r in records[:2]] == [
+        (1e-4, 1e-5, "lower"), (1e-4, 1e-4, "equal")]
+    # 0.2 and 0.25 of 4 subjects are both 1 subject: the same subset, so its runs are not repeated
+    assert [r.get("same_run_as_fraction") for r in records] == [None, None, 0.2, 0.2, None, None]
+    assert [{k: v for k, v in r.items() if k not in ("fraction", "same_run_as_fraction")} for r in records[2:4]] == [
+        {k: v for k, v in r.items() if k != "fraction"} for r in records[:2]]
+    assert not (out / "runs" / "seed0" / "fraction0.25").exists()
     for record in records:  # each run has its own folders with its final weights
         assert (out / record["run_dir"] / "models" / "model.pt").is_file()
-    assert "seed 0, fraction 0.5 (2 subjects" in stderr and ", scratch: val_mean_dice " in stderr
+    assert "seed 0, fraction 0.2 (1 subjects" in stderr and ", scratch: val_mean_dice " in stderr
+    assert "seed 0, fraction 0.25: the same 1 subjects as fraction 0.2" in stderr
 
     # each subset manifest: the sampled subjects' CT training scans and the val scans, nothing else
     subsets = {s["fraction"]: s for s in results["subsets"]}
-    assert set(subsets[0.5]["subjects"]) < set(subsets[1.0]["subjects"]) == {"s001", "s002", "s004", "s005"}
+    assert subsets[0.2]["subjects"] == subsets[0.25]["subjects"]
+    assert set(subsets[0.2]["subjects"]) < set(subsets[1.0]["subjects"]) == {"s001", "s002", "s004", "s005"}
     for fraction, subset in subsets.items():
+        if fraction == 0.25:
+            continue
         entries = load_manifest(out / "runs" / "seed0" / f"fraction{fraction:g}" / "manifest.json").entries
         assert sorted(e.id for e in entries if e.split == "train") == sorted(subset["entries"])
         assert {e.subject for e in entries if e.split == "train"} == set(subset["subjects"])
@@ -334,9 +391,9 @@ def test_command_writes_results_and_plot_for_both_arms_and_all_fractions(segment
 def test_table_numbers_equal_the_json(segmentation_run):
     out, stdout, _ = segmentation_run
     results = json.loads((out / "results.json").read_text())
-    rows = re.findall(r"^\s*([\d.]+)\s+(\d+)\s+(\d+)\s+([\d.]+) ± n/a\s+([\d.]+) ± n/a\s+([+-][\d.]+) ± n/a\s+1$",
+    rows = re.findall(r"^\s*([\d.]+)\s+(\d+)\s+(\d+)\s+([\d.]+) \[n/a\]\s+([\d.]+) \[n/a\]\s+([+-][\d.]+) \[n/a\]\s+1$",
                       stdout, flags=re.M)
-    assert len(rows) == 2, stdout
+    assert len(rows) == 3, stdout
     by_key = {(r["fraction"], r["arm"]): r for r in results["records"]}
     for row, summary in zip(rows, results["summary"]):
         fraction = float(row[0])
@@ -358,7 +415,7 @@ def _dice_reference(prediction: np.ndarray, label: np.ndarray, classes: int) -> 
 
 def test_recorded_dice_is_the_mean_dice_of_the_final_weights(segmentation_run):
     out, _, _ = segmentation_run
-    record = json.loads((out / "results.json").read_text())["records"][2]  # fraction 1.0, pretrained
+    record = json.loads((out / "results.json").read_text())["records"][4]  # fraction 1.0, pretrained
     run_dir = out / record["run_dir"]
     parser = ConfigParser()
     parser.read_config(str(out / "bundle" / "configs" / "train.json"))
@@ -374,7 +431,7 @@ def test_recorded_dice_is_the_mean_dice_of_the_final_weights(segmentation_run):
 
 def test_arms_of_a_seed_share_everything_but_the_encoder_weights(segmentation_run, tmp_path):
     out, _, _ = segmentation_run
-    bundle, manifest = out / "bundle", out / "runs" / "seed0" / "fraction0.5" / "manifest.json"
+    bundle, manifest = out / "bundle", out / "runs" / "seed0" / "fraction1" / "manifest.json"
 
     def network(pretrained: bool, seed: int) -> dict[str, torch.Tensor]:
         workflow = run_workflow(bundle, manifest, pretrained, seed, tmp_path / f"{pretrained}{seed}", 1, {})

@@ -350,6 +350,13 @@ def test_export_arguments_are_checked(tmp_path, swin_checkpoint, resnet_checkpoi
         export_bundle(resnet_checkpoint, "survival", tmp_path / "b", roi_size=(48, 64, 64))
     with pytest.raises(ValueError, match=r"modality: got 'PET', expected 'CT' or 'MR'"):
         export_bundle(resnet_checkpoint, "survival", tmp_path / "b", modality="PET")
+    with pytest.raises(ValueError, match=r"ct_window must be \[low, high\] in HU with low < high, "
+                                         r"got \[250\.0, -175\.0\]"):
+        export_bundle(resnet_checkpoint, "survival", tmp_path / "b", ct_window=(250, -175))
+    with pytest.raises(ValueError, match=r"ct_window must be \[low, high\] in HU, got \(-175,\)"):
+        export_bundle(resnet_checkpoint, "survival", tmp_path / "b", ct_window=(-175,))
+    with pytest.raises(ValueError, match=r"ct_window: got \[-175, 250\] for a MR bundle; only CT is windowed"):
+        export_bundle(resnet_checkpoint, "survival", tmp_path / "b", modality="MR", ct_window=[-175, 250])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(FileExistsError, match=r"bundle output .*full is a non-empty directory"):
@@ -432,6 +439,18 @@ def test_datalist_errors_name_the_problem(demo_manifest, tmp_path):
         datalist.segmentation_records(demo_manifest, "holdout", "CT")
     with pytest.raises(ValueError, match=r"split 'train' holds 0 MR entries with time and event .*expected at least 2"):
         datalist.survival_records(demo_manifest, "train", "MR")
+
+
+def test_export_command_refuses_a_bad_ct_window_in_one_line(tmp_path, resnet_checkpoint, capsys):
+    from volpre.cli import main
+
+    status = main(["export", str(resnet_checkpoint), "--task", "survival", "--out", str(tmp_path / "b"),
+                   "--ct-window", "250", "-175"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "volpre export: error: ct_window must be [low, high] in HU with low < high, got [250.0, -175.0]"]
+    assert not (tmp_path / "b").exists()
 
 
 def test_deterministic_transforms_window_pad_and_drop_series_uid(demo_manifest):

@@ -513,3 +513,63 @@ def test_monai_trainer_and_evaluator_with_loss_metric_and_covariates():
     expected = concordance_index(risk, label[:, 0], label[:, 1])
     assert evaluator.state.metrics["val_cindex"] == pytest.approx(expected, abs=1e-6)
     assert evaluator.state.best_metric == pytest.approx(expected, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- bootstrap interval of the C-index
+
+
+def clustered_cohort(n_subjects: int, seed: int):
+    """Subjects with one or two scans (same outcome, slightly different risk), risk tied to the outcome."""
+    rng = np.random.default_rng(seed)
+    hazard = rng.normal(size=n_subjects)
+    time = np.ceil(rng.exponential(np.exp(-hazard)) * 100.0)
+    event = (rng.uniform(size=n_subjects) < 0.7).astype(float)
+    scans = rng.integers(1, 3, size=n_subjects)
+    rows = np.repeat(np.arange(n_subjects), scans)
+    risk = hazard[rows] + rng.normal(0.0, 0.5, size=rows.size)
+    return risk, time[rows], event[rows], [f"p{k:02d}" for k in rows]
+
+
+def test_bootstrap_interval_matches_scipy_bootstrap_of_lifelines_concordance():
+    from scipy.stats import bootstrap
+
+    from volpre.survival.interval import bootstrap_concordance
+
+    risk, time, event, subjects = clustered_cohort(40, seed=0)
+    result = bootstrap_concordance(risk, time, event, subjects, n_resamples=3000, seed=1)
+    assert result.cindex == pytest.approx(lifelines_concordance_index(time, -risk, event))
+    assert result.n_subjects == 40 and result.n_entries == len(risk) and result.level == 0.95
+
+    # reference: scipy's percentile bootstrap over subject indices, lifelines' C of every scan of the drawn subjects
+    names = sorted(set(subjects))
+    rows_of = [np.flatnonzero(np.asarray(subjects) == name) for name in names]
+
+    def c_of(drawn):
+        rows = np.concatenate([rows_of[int(k)] for k in drawn])
+        return lifelines_concordance_index(time[rows], -risk[rows], event[rows])
+
+    reference = bootstrap((np.arange(len(names)),), c_of, vectorized=False, n_resamples=3000, method="percentile",
+                          random_state=np.random.default_rng(2)).confidence_interval
+    # two Monte Carlo estimates of the same quantiles: equal up to resampling noise
+    assert result.low == pytest.approx(reference.low, abs=0.02)
+    assert result.high == pytest.approx(reference.high, abs=0.02)
+    assert result.low < result.cindex < result.high and result.high - result.low > 0.05
+    # reproducible per seed
+    assert bootstrap_concordance(risk, time, event, subjects, n_resamples=3000, seed=1) == result
+
+
+def test_bootstrap_interval_errors_name_what_was_found():
+    from volpre.survival.interval import bootstrap_concordance
+
+    risk, time, event, subjects = clustered_cohort(10, seed=3)
+    with pytest.raises(ValueError, match=r"got 9 subject ids for \d+ scans"):
+        bootstrap_concordance(risk, time, event, subjects[:9])
+    with pytest.raises(ValueError, match=r"n_resamples must be an integer >= 100, got 10"):
+        bootstrap_concordance(risk, time, event, subjects, n_resamples=10)
+    with pytest.raises(ValueError, match=r"level must be in \(0, 1\), got 95"):
+        bootstrap_concordance(risk, time, event, subjects, level=95)
+    # one comparable pair among five subjects (the event at 1.0 and the subject censored at 2.0; three are
+    # censored before 1.0): a draw holds both with probability 0.42, so most draws have no comparable pair
+    with pytest.raises(ValueError, match=r"draws of 5 subjects had no comparable pair; too few events"):
+        bootstrap_concordance([0.1, 0.2, 0.3, 0.4, 0.5], [1.0, 2.0, 0.5, 0.5, 0.5], [1.0, 0.0, 0.0, 0.0, 0.0],
+                              n_resamples=100)

@@ -298,6 +298,58 @@ def test_splits_keep_subjects_whole_and_are_seeded(manifest):
         assert set(assign_splits(n, 7)) == {"train", "val", "test"}
 
 
+def test_split_fractions_are_followed_and_must_leave_training_subjects():
+    splits = assign_splits(80, 1, val_fraction=0.1, test_fraction=0.4)
+    assert (splits.count("test"), splits.count("val"), splits.count("train")) == (32, 8, 40)
+    assert assign_splits(8, SEED, 0.2, 0.2) == assign_splits(8, SEED)
+    with pytest.raises(ValueError, match=r"test_fraction must be in \[0, 1\), got 1\.0"):
+        assign_splits(8, 0, test_fraction=1.0)
+    with pytest.raises(ValueError, match=r"5 test and 5 val subjects of 10 leave none for train"):
+        assign_splits(10, 0, val_fraction=0.5, test_fraction=0.5)
+
+
+# ----------------------------------------------------------------------------- the small size
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return load_manifest(write_demo_data(tmp_path_factory.mktemp("small") / "out", subjects=4, seed=SEED,
+                                         size="small"))
+
+
+def test_small_data_are_the_same_subjects_on_liver_targeted_ct_and_coarser_mr(small, manifest, volumes):
+    full = {e.id: e for e in manifest.entries}
+    assert [e.id for e in small.entries] == [e.id for e in manifest.entries if int(e.subject[1:]) < 4]
+    for entry in small.entries:
+        twin = full[entry.id]
+        assert (entry.time, entry.event, entry.modality) == (twin.time, twin.event, twin.modality)
+        image, label = read_volume(entry.image[0], series_uid=entry.series_uid), read_volume(entry.label)
+        full_image, full_label = volumes[entry.id]
+        assert image.numel() * 6 < full_image.numel()  # at least 6 times fewer voxels
+        if entry.modality == "CT":
+            ras = np.asarray(entry.spacing) * np.asarray(entry.shape)
+            assert ras[:2] == pytest.approx([160.0, 160.0], abs=6.0) and ras[2] == pytest.approx(180.0)
+            # the targeted field of view holds the whole lesion (same voxel size: the same voxel count) ...
+            lesion = int((label == CT_LABELS["lesion"]).sum())
+            assert lesion == pytest.approx(int((full_label == CT_LABELS["lesion"]).sum()), rel=0.1)
+            # ... in liver of realistic HU; the field of view is body but for its corners and some bowel gas
+            liver = image[label == CT_LABELS["liver"]]
+            assert 30.0 < float(liver.median()) < 80.0 and float((image < -900).float().mean()) < 0.1
+        else:
+            assert entry.spacing == pytest.approx([2.0 * s for s in twin.spacing], rel=0.05)
+            assert int((label == MR_LABELS["lesion"]).sum()) > 0
+
+
+def test_demo_data_command_refuses_bad_arguments_in_one_line(tmp_path, capsys):
+    from volpre.cli import main
+
+    assert main(["demo-data", str(tmp_path / "a"), "--subjects", "0"]) == 2
+    assert capsys.readouterr().err.strip() == ("volpre demo-data: error: demo data: subjects must be a positive "
+                                               "integer, got 0")
+    assert main(["demo-data", str(tmp_path / "b"), "--subjects", "2", "--size", "small"]) == 0
+    assert "(small)" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -306,6 +358,8 @@ def test_bad_arguments_raise_naming_what_was_found(tmp_path):
         write_demo_data(tmp_path / "a", subjects=0)
     with pytest.raises(ValueError, match=r"seed must be a non-negative integer, got -1"):
         write_demo_data(tmp_path / "a", seed=-1)
+    with pytest.raises(ValueError, match=r"size must be one of full, small, got 'tiny'"):
+        write_demo_data(tmp_path / "a", size="tiny")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "old.nii.gz").write_bytes(b"")

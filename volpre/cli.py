@@ -70,8 +70,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from volpre.data.synthetic import write_demo_data
 
-    manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed)
-    print(f"wrote demo data for {args.subjects} subjects; manifest: {manifest}")
+    try:
+        manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed, size=args.size)
+    except (ValueError, FileExistsError) as error:
+        raise UserError(str(error)) from error
+    print(f"wrote demo data for {args.subjects} subjects ({args.size}); manifest: {manifest}")
     return 0
 
 
@@ -291,7 +294,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         bundle = export_bundle(source, args.task, args.out, network=args.network, manifest=args.manifest,
                                modality=args.modality or "CT", out_channels=args.out_channels,
-                               roi_size=tuple(args.roi) if args.roi else None, weights=args.weights)
+                               roi_size=tuple(args.roi) if args.roi else None, weights=args.weights,
+                               ct_window=tuple(args.ct_window) if args.ct_window else None)
     except (ValueError, FileExistsError) as error:  # arguments that do not fit the checkpoint or task
         raise UserError(str(error)) from error
     print(f"wrote {args.task} bundle {bundle}")
@@ -314,7 +318,8 @@ def _cmd_evaluate_label_efficiency(args: argparse.Namespace) -> int:
         results = evaluate_label_efficiency(
             args.pretrained, args.manifest, args.out, args.task, fractions, args.seeds, max_steps=args.max_steps,
             network=args.network, modality=args.modality, out_channels=args.out_channels,
-            roi_size=tuple(args.roi) if args.roi else None, overrides=parse_bundle_overrides(args.overrides),
+            roi_size=tuple(args.roi) if args.roi else None, ct_window=tuple(args.ct_window) if args.ct_window else None,
+            overrides=parse_bundle_overrides(args.overrides),
             say=lambda line: print(line, file=sys.stderr, flush=True))
     except (EvaluationError, FileExistsError) as error:
         raise UserError(str(error)) from error
@@ -348,7 +353,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         epochs = {"segmentation": args.segmentation_epochs, "survival": args.survival_epochs}
         run_demo(args.out, subjects=args.subjects, seed=args.seed, pretrain_steps=args.pretrain_steps,
-                 epochs={task: n for task, n in epochs.items() if n is not None})
+                 epochs={task: n for task, n in epochs.items() if n is not None},
+                 survival_subjects=args.survival_subjects)
     except DemoError as error:
         print(f"volpre demo: {error}", file=sys.stderr)
         return 1
@@ -413,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["full", "small"], default="full",
+                   help="full: torso CTs (400 mm field of view) and head MRs; small: the same subjects with "
+                   "liver-targeted CTs (160 mm field of view, 180 mm long) and MRs at twice the voxel size, "
+                   "about 8 times smaller (default: full)")
     p.set_defaults(run=_cmd_demo_data)
 
     p = sub.add_parser("manifest", help="convert manifests to and from MONAI decathlon datalists")
@@ -516,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "SwinUNETR, the smallest it trains on)")
     p.add_argument("--weights", choices=["model", "ema"], default="model",
                    help="export the trained weights or their moving average (if the run kept one)")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="CT fine-tuning intensity window in HU, clipped and scaled to [0, 1] (default: the "
+                   "pretraining window; e.g. -175 250 for abdominal soft tissue, as MONAI's BTCV recipe)")
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("evaluate", help="evaluate a pretrained encoder: label efficiency against scratch, "
@@ -530,14 +543,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "train.json on them twice, from the pretrained encoder and from scratch, with the same "
                         "seed and step budget. Each run's final weights are scored on the fixed val split (Dice "
                         "over foreground classes, or C-index). Writes OUT/results.json and OUT/label_efficiency.png "
-                        "and prints mean ± sd over seeds per fraction and arm.")
+                        "and prints, per fraction, each arm's mean over seeds and the paired difference pretrained - "
+                        "scratch, each with its 95% Student t interval over seeds. A pretrained encoder gets a "
+                        "tenth of the head's learning rate, a scratch one the full rate (each record says so); "
+                        "pass encoder_learning_rate=VALUE for equal rates.")
     q.add_argument("--pretrained", required=True, type=Path, metavar="CKPT",
                    help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
     q.add_argument("--manifest", required=True, type=Path,
                    help="volpre manifest: split train is sampled by subject, split val scores every run")
-    q.add_argument("--fractions", required=True,
-                   help="comma-separated fractions in (0, 1] of the labelled training subjects, e.g. 0.1,0.25,1.0")
-    q.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3)")
+    q.add_argument("--fractions", default="0.05,0.1,0.25,1.0",
+                   help="comma-separated fractions in (0, 1] of the labelled training subjects, each at least one "
+                   "subject (two for survival) (default: 0.05,0.1,0.25,1.0)")
+    q.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default: 3; the 95%% intervals "
+                   "need at least 2)")
     q.add_argument("--max-steps", type=int, help="optimiser steps per run (default: the bundle's max_epochs, "
                    "so smaller fractions take fewer steps)")
     q.add_argument("--task", choices=["segmentation", "survival"], default="segmentation")
@@ -548,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(3 for the demo data)")
     q.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="crop size for fine-tuning (default: the pretraining crop; SwinUNETR needs >= 64)")
+    q.add_argument("--ct-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="CT fine-tuning window in HU (default: the pretraining window; e.g. -175 250, as "
+                   "volpre export --ct-window)")
     q.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
     q.add_argument("overrides", nargs="*", metavar="key=value",
                    help="bundle config overrides for every run, e.g. num_workers=0 learning_rate=3e-4")
@@ -576,18 +597,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     q.set_defaults(run=_cmd_evaluate_probe)
 
-    p = sub.add_parser("demo", help="run the whole path on the demo data (a few minutes on a CPU)",
+    p = sub.add_parser("demo", help="run the whole path on the demo data (minutes on a CPU)",
                        description="Demo data -> index -> check -> pretrain a tiny encoder -> export a segmentation "
                        "and a survival bundle -> fine-tune each with `python -m monai.bundle run`, pretrained and "
-                       "from scratch -> a summary table (a tiny smoke run, not evidence), also in OUT/report.md.")
+                       "from scratch -> scores on the test split (Dice per class; C-index with its 95% bootstrap "
+                       "interval and n), beside frozen-feature probes of the encoder against random initialisation "
+                       "(volpre evaluate probe), in OUT/report.md and OUT/report.json. Synthetic data, one run per "
+                       "arm.")
     p.add_argument("--out", type=Path, default=Path("demo_run"),
                    help="output folder (default demo_run; an earlier demo there is replaced)")
-    p.add_argument("--subjects", type=int, default=16, help="demo subjects to generate (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo data (default 0)")
-    p.add_argument("--pretrain-steps", type=int, default=60, help="pretraining steps (default 60)")
-    p.add_argument("--segmentation-epochs", type=int, help="fine-tuning epochs of each segmentation arm (default 10)")
+    p.add_argument("--subjects", type=int, default=16,
+                   help="subjects of the full-size cohort: pretraining and segmentation (default 16)")
+    p.add_argument("--survival-subjects", type=int, default=80,
+                   help="subjects of the small survival cohort, 40%% of them the test split (default 80)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo data (default 0; survival cohort: seed + 1)")
+    p.add_argument("--pretrain-steps", type=int, default=30, help="pretraining steps (default 30)")
+    p.add_argument("--segmentation-epochs", type=int,
+                   help="fine-tuning epochs of each segmentation arm (default 3; 8 optimiser steps each)")
     p.add_argument("--survival-epochs", type=int,
-                   help="fine-tuning epochs of each survival arm (default 30; one optimiser step each on the demo data)")
+                   help="fine-tuning epochs of each survival arm (default 10; 3 optimiser steps each)")
     p.set_defaults(run=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks: data throughput, training step breakdown, benchmark volumes")

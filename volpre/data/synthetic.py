@@ -117,10 +117,18 @@ _CT_RECON_SLICE_MM = 10.0
 _CT_FOV_CENTRE_Z = -20.0
 """World height (mm) of the CT field of view's centre; the torso's z = 0 (liver dome) sits
 within 15 mm of world 0, so the scan runs from below the liver to the lung apices."""
+_SMALL_CT_FOV_MM = 160.0
+_SMALL_CT_LENGTH_MM = 180.0
+"""The ``small`` CT: a targeted reconstruction of the liver's right lobe (160 mm field of view, 180 mm long)."""
 _MR_FOV_MM = (210.0, 235.0, 215.0)
 _MR_FOV_CENTRE_Z = -5.0
 """World height (mm) of the MR field of view's centre; the head frame's origin (brain centre)
 sits within 10 mm of world 0, so the scan holds the whole head and the top of the neck."""
+_SMALL_MR_VOXEL_FACTOR = 2.0
+"""The ``small`` MR: voxels twice the subject's voxel size (6.0..6.8 mm)."""
+DEMO_SIZES = ("full", "small")
+"""What :func:`write_demo_data` can write: ``full`` torso CTs and head MRs, or ``small`` ones (liver-targeted
+CT, coarse MR) that are about 8 (CT) and 8 (MR) times smaller and faster to write and train on."""
 _CT_HU_RANGE = (-1024, 3071)
 _CT_RESCALE_INTERCEPT = -1024.0
 
@@ -626,22 +634,36 @@ def _scan_plans(subject: DemoSubject) -> tuple[_ScanPlan, ...]:
     return _PLANS[subject.index % len(_PLANS)]
 
 
-def _ct_grid(subject: DemoSubject, plan: _ScanPlan, slice_mm: float = _CT_SLICE_MM) -> Grid:
-    """The scan's stored grid: a 400 mm field of view, 360 mm long, centred on the table axis."""
-    pixels = int(round(_CT_FOV_MM / subject.ct_pixel_mm))
-    n_slices = int(round(_CT_SLICES * _CT_SLICE_MM / slice_mm))
+def _ct_grid(subject: DemoSubject, plan: _ScanPlan, size: str, slice_mm: float = _CT_SLICE_MM) -> Grid:
+    """The scan's stored grid.
+
+    ``full``: a 400 mm field of view, 360 mm long, centred on the table axis. ``small``: a
+    targeted reconstruction of the liver, a 160 mm field of view, 180 mm long, centred on the
+    right lobe of this scan's liver.
+    """
+    if size == "small":
+        fov_mm, length_mm = _SMALL_CT_FOV_MM, _SMALL_CT_LENGTH_MM
+        pose = subject.ct_poses[int(plan.key == "ct1")]
+        centre = pose.rotation @ subject.torso.liver_centre + pose.translation
+    else:
+        fov_mm, length_mm = _CT_FOV_MM, _CT_SLICES * _CT_SLICE_MM
+        centre = np.array([0.0, 0.0, _CT_FOV_CENTRE_Z])
+    pixels = int(round(fov_mm / subject.ct_pixel_mm))
+    n_slices = int(round(length_mm / slice_mm))
     ras_shape = {"R": pixels, "A": pixels, "S": n_slices}
     ras_spacing = {"R": subject.ct_pixel_mm, "A": subject.ct_pixel_mm, "S": slice_mm}
     axes = [_RAS_AXIS_OF_CODE[c] for c in plan.axcodes]
     return Grid.centred(tuple(ras_shape[a] for a in axes), tuple(ras_spacing[a] for a in axes), plan.axcodes,
-                        np.array([0.0, 0.0, _CT_FOV_CENTRE_Z]))
+                        centre)
 
 
-def _mr_grid(subject: DemoSubject, plan: _ScanPlan) -> Grid:
-    """The scan's stored grid: an oblique head field of view of about 210 x 235 x 215 mm."""
-    ras_shape = {a: int(round(fov / subject.mr_voxel_mm)) for a, fov in zip("RAS", _MR_FOV_MM)}
+def _mr_grid(subject: DemoSubject, plan: _ScanPlan, size: str) -> Grid:
+    """The scan's stored grid: an oblique head field of view of about 210 x 235 x 215 mm, at the
+    subject's voxel size (``full``) or twice it (``small``)."""
+    voxel_mm = subject.mr_voxel_mm * (_SMALL_MR_VOXEL_FACTOR if size == "small" else 1.0)
+    ras_shape = {a: int(round(fov / voxel_mm)) for a, fov in zip("RAS", _MR_FOV_MM)}
     axes = [_RAS_AXIS_OF_CODE[c] for c in plan.axcodes]
-    return Grid.centred(tuple(ras_shape[a] for a in axes), (subject.mr_voxel_mm,) * 3, plan.axcodes,
+    return Grid.centred(tuple(ras_shape[a] for a in axes), (voxel_mm,) * 3, plan.axcodes,
                         np.array([0.0, 0.0, _MR_FOV_CENTRE_Z]), subject.mr_tilt_radians)
 
 
@@ -670,6 +692,8 @@ class _Writer:
 
     out_dir: Path
     seed: int
+    size: str
+    """``full`` or ``small`` (see :data:`DEMO_SIZES`)."""
 
     def uid(self, subject: DemoSubject, plan: _ScanPlan, what: str) -> str:
         return deterministic_uid(f"volpre-demo/{self.seed}/{subject.name}/{plan.key}/{what}")
@@ -678,7 +702,7 @@ class _Writer:
         scan_id = f"{subject.name}-{plan.key}"
         rng = np.random.default_rng([self.seed, subject.index, _NOISE_STREAM[plan.key]])
         follow_up = plan.key == "ct1"
-        grid = _ct_grid(subject, plan) if plan.modality == "CT" else _mr_grid(subject, plan)
+        grid = _ct_grid(subject, plan, self.size) if plan.modality == "CT" else _mr_grid(subject, plan, self.size)
         if plan.modality == "CT":
             image, label = _render_ct(subject, follow_up, grid, rng)
         else:
@@ -732,7 +756,7 @@ class _Writer:
         write_dicom_series(image, grid.affine, study_dir, **tags, series_number=2,
                            series_description="Abdomen 5mm Br40",
                            file_names=[f"IM-0002-{k + 1:04d}.dcm" for k in range(grid.shape[2])])
-        thick_grid = _ct_grid(subject, plan, slice_mm=_CT_RECON_SLICE_MM)
+        thick_grid = _ct_grid(subject, plan, self.size, slice_mm=_CT_RECON_SLICE_MM)
         thick, _ = _render_ct(subject, follow_up, thick_grid, rng, sigma_voxels=1.0, noise_hu=(6.0, 9.0))
         thick_tags = {**tags, "series_uid": self.uid(subject, plan, "series3")}
         write_dicom_series(thick, thick_grid.affine, study_dir, **thick_tags,
@@ -764,14 +788,25 @@ def _check_seed(seed: int) -> None:
         raise ValueError(f"demo data seed must be a non-negative integer, got {seed!r}")
 
 
-def assign_splits(n_subjects: int, seed: int) -> list[str]:
-    """Split name per subject index: a seeded permutation, 20% ``test``, 20% ``val``, rest ``train``.
+def assign_splits(n_subjects: int, seed: int, val_fraction: float = 0.2, test_fraction: float = 0.2) -> list[str]:
+    """Split name per subject index: a seeded permutation, ``test_fraction`` ``test`` and
+    ``val_fraction`` ``val`` (each rounded), the rest ``train``.
 
     ``test`` and ``val`` get at least one subject each when there are 2 (``test``) and 3
-    (``val``) or more subjects, so from 3 subjects on every split is non-empty.
+    (``val``) or more subjects, so from 3 subjects on every split is non-empty (with the default
+    fractions; fractions whose rounded counts leave no ``train`` subject raise).
+
+    Raises:
+        ValueError: a fraction outside [0, 1), or no subject left for ``train`` (with 2+ subjects).
     """
-    n_test = max(1, round(0.2 * n_subjects)) if n_subjects >= 2 else 0
-    n_val = max(1, round(0.2 * n_subjects)) if n_subjects >= 3 else 0
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"demo data: {name} must be in [0, 1), got {fraction!r}")
+    n_test = max(1, round(test_fraction * n_subjects)) if n_subjects >= 2 else 0
+    n_val = max(1, round(val_fraction * n_subjects)) if n_subjects >= 3 else 0
+    if n_subjects >= 2 and n_test + n_val >= n_subjects:
+        raise ValueError(f"demo data: {n_test} test and {n_val} val subjects of {n_subjects} leave none for train; "
+                         "lower val_fraction or test_fraction, or write more subjects")
     order = np.random.default_rng([seed, 0x5B117]).permutation(n_subjects)
     splits = [TRAIN] * n_subjects
     for rank, index in enumerate(order):
@@ -782,21 +817,28 @@ def assign_splits(n_subjects: int, seed: int) -> list[str]:
     return splits
 
 
-def write_demo_data(out_dir: Path, subjects: int = 8, seed: int = 0) -> Path:
+def write_demo_data(out_dir: Path, subjects: int = 8, seed: int = 0, size: str = "full",
+                    val_fraction: float = 0.2, test_fraction: float = 0.2) -> Path:
     """Write the demo dataset of ``subjects`` subjects under ``out_dir``; return the manifest path.
 
     ``out_dir`` must not exist or be empty (so no stale file of another run is ever indexed).
-    The same ``seed`` writes the same bytes; another seed gives other subjects. About 0.5 s and
-    2 MB per subject.
+    The same ``seed`` writes the same bytes; another seed gives other subjects. ``size``:
+    ``"full"`` (about 0.5 s and 2 MB per subject) or ``"small"`` (a liver-targeted CT and a
+    coarse MR per scan, see the module docstring; the same subjects, anatomy and outcomes).
+    ``val_fraction`` and ``test_fraction``: shares of subjects in those splits (:func:`assign_splits`).
 
     Raises:
-        ValueError: ``subjects`` < 1 or ``seed`` not a non-negative integer.
+        ValueError: ``subjects`` < 1, ``seed`` not a non-negative integer, ``size`` unknown, or
+            split fractions that leave no training subject.
         FileExistsError: ``out_dir`` is a file or a non-empty directory.
     """
     out_dir = Path(out_dir)
     if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
         raise ValueError(f"demo data: subjects must be a positive integer, got {subjects!r}")
     _check_seed(seed)
+    if size not in DEMO_SIZES:
+        raise ValueError(f"demo data: size must be one of {', '.join(DEMO_SIZES)}, got {size!r}")
+    splits = assign_splits(subjects, int(seed), val_fraction, test_fraction)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         found = "a file" if not out_dir.is_dir() else "a non-empty directory"
         raise FileExistsError(
@@ -804,13 +846,13 @@ def write_demo_data(out_dir: Path, subjects: int = 8, seed: int = 0) -> Path:
             "(remove it or choose another path)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(out_dir.resolve(), int(seed))
-    splits = assign_splits(subjects, int(seed))
+    writer = _Writer(out_dir.resolve(), int(seed), size)
     entries = []
     for index in range(subjects):
         subject = sample_subject(int(seed), index)
         for plan in _scan_plans(subject):
             entry = writer.write_scan(subject, plan)
             entries.append(dataclasses.replace(entry, split=splits[index]))
-    description = f"volpre demo data: {subjects} synthetic subjects (CT torso, MR head), seed {seed}"
+    what = "CT torso, MR head" if size == "full" else "small: liver-targeted CT, coarse MR head"
+    description = f"volpre demo data: {subjects} synthetic subjects ({what}), seed {seed}"
     return save_manifest(Manifest(entries=entries, description=description), out_dir / MANIFEST_NAME)

@@ -49,6 +49,7 @@ RESERVED_KEYS: dict[str, str] = {
     "out_channels": "--out-channels",
     "roi_size": "--roi",
     "preprocess": "the checkpoint's pretraining preprocessing",
+    "ct_window": "--ct-window",
     "network_def": "the checkpoint and --network",
     "pretrained": "the arm of each run",
     "pretrained_encoder": "the arm of each run",
@@ -77,6 +78,8 @@ class RunResult:
     """Optimiser steps actually taken."""
     encoder_learning_rate: float
     """The encoder's learning rate in this run (the bundle's ``encoder_learning_rate``)."""
+    learning_rate: float
+    """The rest of the network's (decoder or risk head) learning rate (the bundle's ``learning_rate``)."""
 
 
 def parse_bundle_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -200,4 +203,5 @@ def finetune_and_validate(
         metric=float(evaluator.state.metrics[name]),
         steps=budget.steps,
         encoder_learning_rate=float(workflow.parser.get_parsed_content("encoder_learning_rate")),
+        learning_rate=float(workflow.parser.get_parsed_content("learning_rate")),
     )

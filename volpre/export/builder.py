@@ -44,6 +44,7 @@ from volpre.export.keymap import to_network_keys
 from volpre.export.metadata import Provenance, fill_metadata, installed_package_versions
 from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
 from volpre.export.templates import TASKS, templates_root
+from volpre.export.transforms import check_ct_window
 from volpre.export.weights import check_state_dict
 from volpre.files import remove_stale_temporaries, temporary_path
 
@@ -163,6 +164,17 @@ def default_roi(task: str, network: str | None, pretrained: PretrainedEncoder,
     return pretraining, "the pretraining crop (`data.roi`); choose another with `volpre export --roi`"
 
 
+def _fine_tuning_window(ct_window: Sequence[float] | None, pretraining: Sequence[float],
+                        modality: str) -> tuple[float, float]:
+    """The bundle's ``ct_window``: ``ct_window`` checked, or the pretraining window when it is ``None``."""
+    if ct_window is None:
+        return float(pretraining[0]), float(pretraining[1])
+    if modality != "CT":
+        raise ValueError(f"ct_window: got {list(ct_window)} for a {modality} bundle; only CT is windowed (MR is "
+                         "z-scored), leave it unset")
+    return check_ct_window(ct_window, "ct_window")
+
+
 def _check_output(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         found = "a file" if not out.is_dir() else "a non-empty directory"
@@ -217,6 +229,7 @@ def export_bundle(
     out_channels: int | None = None,
     roi_size: Sequence[int] | None = None,
     weights: Literal["model", "ema"] = "model",
+    ct_window: Sequence[float] | None = None,
 ) -> Path:
     """Write a MONAI bundle that fine-tunes the encoder of ``checkpoint``; return its folder.
 
@@ -239,6 +252,11 @@ def export_bundle(
             pretraining crop size ``data.roi``. Survival bundles pad or centre-crop every
             preprocessed volume to it.
         weights: ``"model"`` (trained weights) or ``"ema"`` (their moving average, when kept).
+        ct_window: CT only: the fine-tuning intensity window ``(low, high)`` in HU, clipped and
+            scaled to [0, 1] (the bundle's ``ct_window`` key, recorded in ``metadata.json``
+            under ``volpre_finetuning``); default the pretraining window ``preprocess.ct_window``.
+            A narrower window than pretraining's spreads soft tissue over more of [0, 1], as in
+            MONAI's Swin UNETR BTCV recipe (pretraining [-1000, 1000], fine-tuning [-175, 250]).
 
     Raises:
         CheckpointError: the checkpoint cannot be read or fails its checksum, is not a volpre
@@ -246,7 +264,8 @@ def export_bundle(
             tensors with NaN/Inf.
         WeightsError: its encoder tensors do not fit the encoder (or the network) they should
             load into; every missing, unexpected and misshapen key is listed.
-        ValueError: an argument does not fit the task, the encoder or the network.
+        ValueError: an argument does not fit the task, the encoder or the network (or
+            ``ct_window`` is not ``low < high``, or given for an MR bundle).
         FileExistsError: ``out`` exists and is not an empty directory.
     """
     pretrained = (checkpoint if isinstance(checkpoint, PretrainedEncoder)
@@ -254,6 +273,7 @@ def export_bundle(
     cfg = pretrained.config
     roi, roi_note = default_roi(task, network, pretrained, roi_size)
     name = _check_choices(task, network, pretrained, out_channels, roi, modality)
+    window = _fine_tuning_window(ct_window, cfg.preprocess.ct_window, modality)
     installed_package_versions()  # fail before writing anything if a bundle dependency is missing
     out_dir = Path(out)
     network_def = _network_def(name, cfg)
@@ -271,14 +291,14 @@ def export_bundle(
 
     with _staged_output(out_dir) as work_dir:
         _write_bundle(work_dir, pretrained, task, name, network_def, model, network_state, manifest,
-                      modality, roi, roi_note, out_channels)
+                      modality, roi, roi_note, out_channels, window)
     return out_dir
 
 
 def _write_bundle(work_dir: Path, pretrained: PretrainedEncoder, task: str, name: str,
                   network_def: dict[str, Any], model: torch.nn.Module, network_state: dict[str, torch.Tensor],
                   manifest: str | os.PathLike[str] | None, modality: str, roi: tuple[int, ...], roi_note: str,
-                  out_channels: int | None) -> None:
+                  out_channels: int | None, window: tuple[float, float]) -> None:
     """Write every file of the bundle into ``work_dir`` (renamed onto the bundle's folder afterwards)."""
     cfg = pretrained.config
     encoder_path = work_dir / ENCODER_FILE
@@ -303,6 +323,7 @@ def _write_bundle(work_dir: Path, pretrained: PretrainedEncoder, task: str, name
             "mr_percentiles": list(pre.mr_percentiles),
             "crop_foreground": pre.crop_foreground,
         },
+        "ct_window": list(window),
         "network_def": network_def,
     }
     if out_channels is not None:
@@ -318,7 +339,7 @@ def _write_bundle(work_dir: Path, pretrained: PretrainedEncoder, task: str, name
 
     provenance = Provenance.of(pretrained)
     metadata = fill_metadata(json.loads((task_dir / "metadata.json").read_text()), pretrained, name, modality, roi,
-                             out_channels, provenance)
+                             out_channels, provenance, window)
     _write_json(metadata, work_dir / "configs" / "metadata.json")
     readme = _render_readme(root / task / "docs" / "README.md", pretrained, provenance, name, metadata,
                             {**values, "roi_note": roi_note})
@@ -373,5 +394,7 @@ def _render_readme(template_path: Path, pretrained: PretrainedEncoder, provenanc
         "roi_size": ", ".join(str(r) for r in values["roi_size"]),
         "roi_note": values["roi_note"],
         "in_channels": str(values["in_channels"]),
+        "ct_window": json.dumps(values["ct_window"]),
+        "pretraining_ct_window": json.dumps(list(cfg.preprocess.ct_window)),
     }
     return string.Template(template_path.read_text()).substitute(fields)

@@ -9,7 +9,9 @@ references). :func:`fill_metadata` adds what only the export knows:
 - ``network_data_format`` (``inputs.image``, ``outputs.pred``; read by ``verify_net_in_out``);
 - a ``changelog`` entry naming the checkpoint, and ``volpre_pretraining`` (objective, steps,
   the checkpoint's and the pretraining manifest's file names and SHA-256 digests, encoder config,
-  the versions pretraining ran with).
+  preprocessing with its CT window, the versions pretraining ran with);
+- ``volpre_finetuning``: the intensity window fine-tuning and inference apply (``ct_window`` in
+  HU, CT only; ``null`` for MR), beside the pretraining one (``pretraining_ct_window``).
 
 Provenance is file names and digests (:class:`Provenance`), never local paths: bundles are made
 to be shared, and the folders of hospital archives often carry patient names or record numbers.
@@ -68,11 +70,11 @@ class Provenance:
         return cls(checkpoint=checkpoint, manifest=manifest)
 
 
-def _image_description(pretrained: PretrainedEncoder, modality: str) -> str:
+def _image_description(pretrained: PretrainedEncoder, modality: str, ct_window: Sequence[float]) -> str:
     pre = pretrained.config.preprocess
     spacing = "x".join(f"{s:g}" for s in pre.spacing)
     if modality == "CT":
-        low, high = pre.ct_window
+        low, high = ct_window  # the bundle's fine-tuning window (the pretraining one unless export chose another)
         intensity = f"CT clipped to [{low:g}, {high:g}] HU and scaled to [0, 1]"
     else:
         low, high = pre.mr_percentiles
@@ -92,6 +94,7 @@ def fill_metadata(
     roi_size: Sequence[int],
     out_channels: int | None,
     provenance: Provenance,
+    ct_window: Sequence[float],
 ) -> dict[str, Any]:
     """The template with versions, ``network_data_format`` and provenance filled in (a new dict).
 
@@ -103,6 +106,7 @@ def fill_metadata(
         roi_size: the network's patch size ``(X, Y, Z)`` (multiples of 32).
         out_channels: segmentation classes including background; ``None`` for survival.
         provenance: the checkpoint's and pretraining manifest's names and digests.
+        ct_window: the fine-tuning CT window ``(low, high)`` in HU (the bundle's ``ct_window``).
     """
     meta = copy.deepcopy(template)
     versions = installed_package_versions()
@@ -136,7 +140,7 @@ def fill_metadata(
         f"your volpre manifest (--manifest); the encoder's weights come from {pretrained.checkpoint.name}, not from "
         "volpre pretraining"
     )
-    meta["image_classes"] = _image_description(pretrained, modality)
+    meta["image_classes"] = _image_description(pretrained, modality, ct_window)
     image = {
         "type": "image",
         "format": "hounsfield" if modality == "CT" else "magnitude",
@@ -196,6 +200,13 @@ def fill_metadata(
         "encoder": cfg.to_dict()["model"],
         "preprocess": cfg.to_dict()["preprocess"],
         "versions": pretrained.versions,
+    }
+    is_ct = modality == "CT"
+    meta["volpre_finetuning"] = {
+        "ct_window": [float(v) for v in ct_window] if is_ct else None,
+        "pretraining_ct_window": [float(v) for v in cfg.preprocess.ct_window] if is_ct else None,
+        "intensity": (f"CT clipped to [{ct_window[0]:g}, {ct_window[1]:g}] HU and scaled to [0, 1]" if is_ct
+                      else "MR clipped to foreground percentiles and z-scored over the foreground"),
     }
     return meta
 
