@@ -34,7 +34,8 @@ cfg = load_config("resnet-dae-tiny", ["data.num_workers=0", "train.checkpoint_ev
 ctx = setup_distributed("cpu")
 run = Pretraining(cfg, manifest, output, ctx)
 syncs: list[bool] = []
-run.module.register_forward_pre_hook(lambda module, args: syncs.append(run.ddp.require_backward_grad_sync))
+ddp = run.ddp
+run.module.register_forward_pre_hook(lambda module, args: syncs.append(ddp.require_backward_grad_sync))
 result = run.run(max_steps=3)
 weights = torch.cat([p.detach().flatten() for p in run.module.parameters()])
 gathered = [None] * ctx.world_size
@@ -42,5 +43,5 @@ dist.all_gather_object(gathered, {"rank": ctx.rank, "items": items_read, "weight
                                   "weights_abs": weights.double().abs().sum().item(), "syncs": syncs})
 if ctx.is_main:
     (output / "ddp_report.json").write_text(json.dumps({"ranks": gathered, "losses": result.losses}))
-del run  # DDP must release the process group before it is destroyed (see teardown_distributed)
+del run, ddp  # DDP must release the process group before it is destroyed (see teardown_distributed)
 teardown_distributed(ctx)
