@@ -38,7 +38,8 @@ def test_ints_are_accepted_for_floats_but_not_the_reverse():
 
 def test_shipped_configs_load_and_tiny_profiles_inherit():
     names = shipped_configs()
-    for name in ("swin-dae", "swin-mvm", "resnet-dae", "resnet-mvm"):
+    for name in ("swin-dae", "swin-mvm", "resnet-dae", "resnet-mvm", "swin-simclr", "resnet-simclr", "swin-micle",
+                 "resnet-micle"):
         assert name in names and f"{name}-tiny" in names
     for name in names:
         load_config(name)
