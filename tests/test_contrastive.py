@@ -566,3 +566,21 @@ def test_micle_positives_in_training_batches_come_from_different_files(demo_mani
                 if role == -1:
                     assert entries[scan[j]].subject != entries[scan[i]].subject
     assert cross_file > 0  # the follow-up CTs were drawn
+
+
+def test_contrastive_runs_refuse_a_step_without_negatives(demo_manifest, tmp_path, capsys):
+    def args(config, manifest, *overrides):
+        return ["pretrain", "--config", config, "--manifest", str(manifest), "--output", str(tmp_path / "run"),
+                "--device", "cpu", "--max-steps", "1", "data.num_workers=0", *overrides]
+
+    assert main(args("resnet-simclr-tiny", demo_manifest, "data.batch_size=1")) == 2
+    line = _error_line(capsys.readouterr().err)
+    assert ("error: objective.name simclr takes its negatives from the other items of a step: data.batch_size 1 x 1 "
+            "process(es) is one item per step, so there is none and the loss is 0; set data.batch_size >= 2") in line
+    one = _manifest_copy(demo_manifest, tmp_path / "one.json", keep=lambda e: e["subject"] == "s001")
+    for config in ("resnet-simclr-tiny", "resnet-micle-tiny"):
+        assert main(args(config, one)) == 2
+        objective = config.split("-")[1]
+        assert (f"error: objective.name {objective} takes its negatives from other subjects, but the entries of "
+                f"{one} are all of one subject") in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -262,7 +262,7 @@ class Pretraining:
         self.data = RunData.of(self.manifest_path, file_sha256(self.manifest_path), entries, splits)
         self.data_history, self.data_event = self._data_history(saved, new_data)
         self.groups = build_items(cfg, entries)
-        for warning in check_items_fit_objective(cfg, self.groups, str(manifest_path)):
+        for warning in check_items_fit_objective(cfg, self.groups, str(manifest_path), ctx.world_size):
             if ctx.is_main:
                 log.warning(warning)
 

@@ -39,16 +39,35 @@ def build_items(run_cfg: RunConfig, entries: Sequence[ManifestEntry]) -> VolumeG
     return VolumeGroups.build(entries, by_subject=samples_by_subject(run_cfg), by_modality=items_by_modality(run_cfg))
 
 
-def check_items_fit_objective(run_cfg: RunConfig, groups: VolumeGroups, manifest: str) -> list[str]:
+def check_items_fit_objective(run_cfg: RunConfig, groups: VolumeGroups, manifest: str, world_size: int = 1) -> list[str]:
     """Refuse data the objective cannot learn from; return warnings about settings that weaken it.
 
-    For ``micle``: raises :class:`~volpre.data.manifest.ManifestError` when no subject of the
-    (selected entries of the) manifest has two scans (of one modality, unless
-    ``objective.micle.positives_across_modalities``), since every positive pair would then be two
-    views of one scan, which is ``simclr``; warns when ``data.crops_per_volume`` is 1 (each subject
-    gives one crop of one scan per step, so no positive comes from another scan).
+    For ``simclr`` and ``micle`` (whose negatives are crops of other subjects in the same step's
+    global batch of ``data.batch_size x world_size`` items): raises
+    :class:`~volpre.config.ConfigError` when that batch holds one item, and
+    :class:`~volpre.data.manifest.ManifestError` when the (selected entries of the) manifest hold
+    one subject; NT-Xent without a negative is 0 and teaches nothing. For ``micle`` also: raises
+    :class:`~volpre.data.manifest.ManifestError` when no subject has two scans (of one modality
+    class, unless ``objective.micle.positives_across_modalities``), since every positive pair would
+    then be two crops of one scan; warns when ``data.crops_per_volume`` is 1 (each subject gives one
+    crop of one scan per step, so no positive comes from another scan).
     """
-    if run_cfg.objective.name != "micle":
+    name = run_cfg.objective.name
+    if name not in ("simclr", "micle"):
+        return []
+    items = run_cfg.data.batch_size * world_size
+    if items < 2:
+        raise ConfigError(
+            f"objective.name {name} takes its negatives from the other items of a step: data.batch_size "
+            f"{run_cfg.data.batch_size} x {world_size} process(es) is one item per step, so there is none and the "
+            "loss is 0; set data.batch_size >= 2"
+        )
+    if len(set(groups.subject_index)) < 2:
+        raise ManifestError(
+            f"objective.name {name} takes its negatives from other subjects, but the entries of {manifest} "
+            "are all of one subject; pretrain on a manifest with two subjects or more"
+        )
+    if name != "micle":
         return []
     if groups.items_with_several_scans() == 0:
         one_modality = " of one modality" if items_by_modality(run_cfg) else ""
