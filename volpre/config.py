@@ -394,8 +394,8 @@ class SimCLRConfig:
 class MICLeConfig(SimCLRConfig):
     """MICLe (Azizi et al. 2021): SimCLR whose positives are crops of several scans of one subject.
 
-    Each dataset item holds the scans of one subject (of one modality, unless
-    ``positives_across_modalities``); its ``data.crops_per_volume`` crops come from that many
+    Each dataset item holds the scans of one subject (of one modality class, ``modality`` refined by
+    ``sequence``, unless ``positives_across_modalities``); its ``data.crops_per_volume`` crops come from that many
     distinct scans when the item has them, and each crop gives ``views_per_crop`` augmented views
     (MICLe: one view of each of two images of the patient).
     """
@@ -406,8 +406,8 @@ class MICLeConfig(SimCLRConfig):
     """Augmented views of each crop (MICLe: 1, the positive pair being crops of two distinct scans;
     a subject with one scan gets its pair from two crops of that scan)."""
     positives_across_modalities: bool = False
-    """False: a subject's scans of one modality are positives of each other, its scans of another
-    modality neither positives nor negatives (ours: MICLe's images of a patient are all of one kind).
+    """False: a subject's scans of one modality class are positives of each other, its scans of another
+    class neither positives nor negatives (ours: MICLe's images of a patient are all of one kind).
     True: every scan of the subject is a positive (a CT and an MR of one patient too)."""
 
 
