@@ -38,7 +38,8 @@ def test_ints_are_accepted_for_floats_but_not_the_reverse():
 
 def test_shipped_configs_load_and_tiny_profiles_inherit():
     names = shipped_configs()
-    for name in ("swin-dae", "swin-mvm", "resnet-dae", "resnet-mvm"):
+    for name in ("swin-dae", "swin-mvm", "resnet-dae", "resnet-mvm", "swin-simclr", "resnet-simclr", "swin-micle",
+                 "resnet-micle"):
         assert name in names and f"{name}-tiny" in names
     for name in names:
         load_config(name)
@@ -107,7 +108,7 @@ def test_numbers_written_as_text_are_read_for_numeric_fields(tmp_path):
     ("train.lr=1e999", r"train\.lr: got inf, expected a finite float"),
     ("train.weight_decay=.nan", r"train\.weight_decay: got nan, expected a finite float"),
     ("train.clip_grad_norm=.inf", r"train\.clip_grad_norm: got inf, expected a finite float"),
-    ("objective.dae.temperature=-.inf", r"objective\.dae\.temperature: got -inf, expected a finite float"),
+    ("objective.dae.cmcl_temperature=-.inf", r"objective\.dae\.cmcl_temperature: got -inf, expected a finite float"),
     ("preprocess.spacing=[4, .nan, 4]", r"preprocess\.spacing\[1\]: got nan, expected a finite float"),
     ("preprocess.ct_window=[-.inf, 1000]", r"preprocess\.ct_window\[0\]: got -inf, expected a finite float"),
 ])

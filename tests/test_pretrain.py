@@ -18,13 +18,13 @@ import torch
 from child_processes import run_command, started_command
 from volpre.cli import main
 from volpre.config import load_config
-from volpre.data.dataset import PretrainDataset, VolumeGroups
+from volpre.data.dataset import PretrainDataset
 from volpre.data.manifest import load_manifest
 from volpre.engine import checkpoint as checkpoint_module
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from volpre.engine.ema import build_ema, update_ema
 from volpre.engine.trainer import param_groups, pretrain
-from volpre.objectives import build_pretrainer, draw_and_forward
+from volpre.objectives import build_items, build_pretrainer, draw_and_forward
 
 FAST = ["data.num_workers=0"]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -46,10 +46,10 @@ def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
     if state is not None:
         model.load_state_dict(state, strict=True)
     model.eval()
-    groups = VolumeGroups.build(load_manifest(manifest).entries, by_subject=False)
+    groups = build_items(cfg, load_manifest(manifest).entries)
     dataset = PretrainDataset(groups, cfg.preprocess, cfg.data, seed=123)
     crops = [c for i in range(len(groups)) for c in dataset[(0, i)]]
-    batch = {"image": torch.stack([c["image"] for c in crops]), "modality": torch.stack([c["modality"] for c in crops])}
+    batch = {key: torch.stack([c[key] for c in crops]) for key in crops[0]}
     with torch.no_grad():
         return float(draw_and_forward(model, batch, torch.Generator().manual_seed(5)).loss)
 
@@ -94,6 +94,7 @@ def test_checkpoint_contents_logs_and_retention(demo_manifest, tmp_path):
     assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_00000004.pt", "step_00000006.pt"]
     state = torch.load(folder / "last.pt", weights_only=True)  # the safe unpickler reads it all
     assert state["step"] == 6 and state["items_seen"] == 6 * 2 and state["world_size"] == 1
+    assert state["sync_batchnorm"] is False  # one process: nothing to reduce across
     assert state["encoder"] == "resnet" and state["config"]["model"]["resnet"]["depth"] == 10
     assert {"volpre", "monai", "torch"} <= set(state["versions"])
     assert state["manifest"]["sha256"] and len(state["rng"]) == 1
@@ -213,6 +214,7 @@ def test_torchrun_two_processes_share_weights_and_split_data(demo_manifest, tmp_
     assert len(report["losses"]) == 3
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["sync_batchnorm"] is False  # gloo on CPU: torch's SyncBatchNorm is CUDA-only, BN stays per rank
 
 
 def test_torchrun_cli(demo_manifest, tmp_path):

@@ -160,11 +160,28 @@ def test_all_bad_entries_stop_the_run(files, tmp_path):
 
 def test_subject_items_draw_crops_from_several_scans(files, tmp_path):
     dataset, _ = _dataset(files, tmp_path, by_subject=True, bad=False)
-    # subjects: s0 = ct0, ct2, mr ; s1 = ct1
-    assert len(dataset) == 2
-    crops = dataset[(0, 0)]
-    assert {int(c["subject"]) for c in crops} == {0}
-    assert not torch.equal(crops[0]["image"], crops[1]["image"])
+    # subjects: s0 = ct0, ct2, mr (entries 0, 2, 3); s1 = ct1 (entry 1)
+    assert len(dataset) == 2 and dataset.groups.scan_index == ((0, 2, 3), (1,))
+    pairs = set()
+    for epoch in range(12):
+        crops = dataset[(epoch, 0)]
+        assert {int(c["subject"]) for c in crops} == {0} and {int(c["item"]) for c in crops} == {0}
+        scans = [int(c["scan"]) for c in crops]
+        assert len(set(scans)) == 2  # two crops, two distinct scans
+        pairs.add(frozenset(scans))
+        assert not torch.equal(crops[0]["image"], crops[1]["image"])
+    assert pairs == {frozenset(p) for p in ((0, 2), (0, 3), (2, 3))}  # every pair of the three scans is drawn
+    single = dataset[(0, 1)]
+    assert [int(c["scan"]) for c in single] == [1, 1] and {int(c["subject"]) for c in single} == {1}
+
+
+def test_subject_items_split_by_modality(files):
+    entries = _entries(files, bad=False)
+    by_modality = VolumeGroups.build(entries, by_subject=True, by_modality=True)
+    assert by_modality.scan_index == ((0, 2), (3,), (1,))  # s0 CT, s0 MR, s1 CT
+    assert by_modality.subject_index == (0, 0, 1) and by_modality.items_with_several_scans() == 1
+    per_entry = VolumeGroups.build(entries, by_subject=False)
+    assert per_entry.scan_index == ((0,), (1,), (2,), (3,)) and per_entry.subject_index == (0, 1, 0, 0)
 
 
 def test_sampler_shards_are_disjoint_and_resume_exactly():

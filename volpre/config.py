@@ -7,7 +7,8 @@ A run config has six sections, each a dataclass below:
 - ``data``: random crop sampling and loading (crop size, crops per volume, batch, workers,
   what to do with a bad entry).
 - ``model``: the encoder (``swin``, ``resnet`` or ``nnunet``) and its pretraining decoder.
-- ``objective``: ``dae`` (disruptive autoencoder) or ``mvm`` (masked volume modeling).
+- ``objective``: ``dae`` (disruptive autoencoder), ``mvm`` (masked volume modeling), ``simclr``
+  or ``micle`` (contrastive learning of augmented views, or of several scans of one subject).
 - ``train``: optimiser, schedule, precision, checkpoints and logging.
 - ``probe``: an optional frozen-feature probe of the encoder on a labelled manifest, run every
   few steps during pretraining (disabled unless ``probe.manifest`` is set).
@@ -308,11 +309,119 @@ class MVMConfig:
 
 
 @dataclass
+class SimCLRConfig:
+    """SimCLR (Chen et al. 2020): two augmented views of every crop, a projection head, NT-Xent.
+
+    The defaults are the paper's ImageNet recipe in its official code (google-research/simclr)
+    where a 3D grayscale analogue exists; the ``-tiny`` profiles take the official CIFAR-10 recipe
+    (temperature 0.5, colour strength 0.5, no blur) for their small crops and batches.
+    ``volpre.objectives.contrastive`` lists each number and each deviation.
+    Views are made on the training device by ``volpre.objectives.views``, in this order: random
+    resized crop of the crop with random flips, intensity jitter, Gaussian blur, Gaussian noise.
+    """
+
+    SECTION = "objective.simclr"
+
+    views_per_crop: int = 2
+    """Augmented views made of each crop per step (SimCLR: 2)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Random resized crop: the view covers a sub-box of the crop holding this fraction of its volume,
+    drawn uniformly per view (SimCLR: area fraction [0.08, 1]), resized back to ``data.roi``."""
+    crop_aspect: tuple[float, float] = (0.75, 4.0 / 3.0)
+    """Random resized crop: range of the side ratios of the sub-box (SimCLR: [3/4, 4/3]); with a
+    range ``[1/a, a]`` every ratio of two of its three sides lies in it."""
+    flip_axes: tuple[int, ...] = (0, 1, 2)
+    """Axes (0, 1, 2 = X, Y, Z of the RAS volume) each flipped with probability 1/2 (SimCLR flips
+    2D images horizontally; we flip every listed axis)."""
+    jitter_probability: float = 0.8
+    """Probability of the intensity jitter (brightness and contrast) per view (SimCLR's colour jitter: 0.8)."""
+    brightness: float = 0.8
+    """Jitter: add a shift uniform in ``[-brightness, brightness]`` (SimCLR: 0.8 * colour strength s,
+    s = 1 for ImageNet, 0.5 for CIFAR-10)."""
+    contrast: float = 0.8
+    """Jitter: scale deviations from each channel's mean by a factor uniform in ``[1 - contrast,
+    1 + contrast]`` (SimCLR: 0.8 * s)."""
+    blur_probability: float = 0.5
+    """Probability of a Gaussian blur per view (SimCLR: 0.5 on ImageNet, none on CIFAR-10)."""
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    """Blur sigma in voxels, uniform per view (SimCLR: [0.1, 2.0] pixels)."""
+    noise_std: tuple[float, float] = (0.0, 0.0)
+    """Additive Gaussian noise, std uniform in this range per view (ours, not SimCLR's; [0, 0] = off)."""
+    projection_layers: int = 2
+    """Linear layers of the projection head, each followed by BatchNorm, ReLU between them (SimCLR: 2)."""
+    projection_dim: int = 128
+    """Output width of the projection head (SimCLR: 128); hidden layers keep the encoder's deepest width."""
+    temperature: float = 0.1
+    """NT-Xent temperature (SimCLR: 0.1 on ImageNet with batches of 4096, 0.5 on CIFAR-10 with 512)."""
+    reconstruction_weight: float = 0.0
+    """Weight of an L1 term in which the pretraining decoder restores each view's un-jittered,
+    un-blurred, noise-free crop (ours; 0 disables it and no decoder is built)."""
+
+    def validate(self) -> None:
+        key = self.SECTION
+        if self.views_per_crop < 1:
+            raise ConfigError(f"{key}.views_per_crop must be >= 1, got {self.views_per_crop}")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"{key}.crop_scale must be [low, high] with 0 < low <= high <= 1, got {[lo, hi]}")
+        lo, hi = self.crop_aspect
+        if not 0.0 < lo <= 1.0 <= hi:
+            raise ConfigError(f"{key}.crop_aspect must be [low, high] with 0 < low <= 1 <= high, got {[lo, hi]}")
+        if any(axis not in (0, 1, 2) for axis in self.flip_axes) or len(set(self.flip_axes)) != len(self.flip_axes):
+            raise ConfigError(f"{key}.flip_axes must list distinct axes among 0, 1, 2, got {list(self.flip_axes)}")
+        for name in ("jitter_probability", "blur_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{key}.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.brightness < 0:
+            raise ConfigError(f"{key}.brightness must be >= 0, got {self.brightness}")
+        if not 0.0 <= self.contrast < 1.0:
+            raise ConfigError(f"{key}.contrast must be in [0, 1), got {self.contrast}")
+        lo, hi = self.blur_sigma
+        if not 0.0 < lo <= hi:
+            raise ConfigError(f"{key}.blur_sigma must be [low, high] with 0 < low <= high, got {[lo, hi]}")
+        lo, hi = self.noise_std
+        if not 0.0 <= lo <= hi:
+            raise ConfigError(f"{key}.noise_std must be [low, high] with 0 <= low <= high, got {[lo, hi]}")
+        if self.projection_layers < 1:
+            raise ConfigError(f"{key}.projection_layers must be >= 1, got {self.projection_layers}")
+        if self.projection_dim < 1:
+            raise ConfigError(f"{key}.projection_dim must be >= 1, got {self.projection_dim}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature must be > 0, got {self.temperature}")
+        if self.reconstruction_weight < 0:
+            raise ConfigError(f"{key}.reconstruction_weight must be >= 0, got {self.reconstruction_weight}")
+
+
+@dataclass
+class MICLeConfig(SimCLRConfig):
+    """MICLe (Azizi et al. 2021): SimCLR whose positives are crops of several scans of one subject.
+
+    Each dataset item holds the scans of one subject (of one modality class, ``modality`` refined by
+    ``sequence``, unless ``positives_across_modalities``); its ``data.crops_per_volume`` crops come from that many
+    distinct scans when the item has them, and each crop gives ``views_per_crop`` augmented views
+    (MICLe: one view of each of two images of the patient).
+    """
+
+    SECTION = "objective.micle"
+
+    views_per_crop: int = 1
+    """Augmented views of each crop (MICLe: 1, the positive pair being crops of two distinct scans;
+    a subject with one scan gets its pair from two crops of that scan)."""
+    positives_across_modalities: bool = False
+    """False: a subject's scans of one modality class are positives of each other, its scans of another
+    class neither positives nor negatives (ours: MICLe's images of a patient are all of one kind).
+    True: every scan of the subject is a positive (a CT and an MR of one patient too)."""
+
+
+@dataclass
 class ObjectiveConfig:
-    name: Literal["dae", "mvm"] = "dae"
-    """Pretraining objective: disruptive autoencoder (``dae``) or masked volume modeling (``mvm``)."""
+    name: Literal["dae", "mvm", "simclr", "micle"] = "dae"
+    """Pretraining objective: disruptive autoencoder (``dae``), masked volume modeling (``mvm``),
+    contrastive learning of augmented views (``simclr``) or of several scans of one subject (``micle``)."""
     dae: DAEConfig = field(default_factory=DAEConfig)
     mvm: MVMConfig = field(default_factory=MVMConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    micle: MICLeConfig = field(default_factory=MICLeConfig)
 
 
 @dataclass
@@ -335,6 +444,12 @@ class TrainConfig:
     channels_last: bool = False
     ema_decay: float = 0.0
     """Exponential moving average of the weights (0 disables; e.g. 0.999)."""
+    sync_batchnorm: bool = True
+    """With several CUDA processes, every BatchNorm layer (the ResNet encoder's, the contrastive
+    projection head's) becomes a ``torch.nn.SyncBatchNorm`` and normalises with the statistics of the
+    global batch (SimCLR's global BN), so that two contrastive views on one rank cannot recognise each
+    other through their local batch statistics. ``SyncBatchNorm`` runs on CUDA only: CPU processes
+    (gloo) keep per-process BatchNorm and the run logs it. No effect in one process."""
     seed: int = 0
     log_every: int = 10
     image_every: int = 200
@@ -444,6 +559,18 @@ class RunConfig:
                     f"objective.mvm.mask_ratio {self.objective.mvm.mask_ratio} masks {masked} of the {patches} "
                     f"patches of {patch}^3 in a data.roi crop of {list(self.data.roi)}; it must mask at least one "
                     "and leave at least one visible (use a larger roi or a smaller mask_patch)"
+                )
+        if self.objective.name in ("simclr", "micle"):
+            section = getattr(self.objective, self.objective.name)
+            if self.objective.name == "simclr" and section.views_per_crop < 2:
+                raise ConfigError(
+                    f"objective.simclr.views_per_crop must be >= 2 (a crop's positives are its other views), "
+                    f"got {section.views_per_crop}"
+                )
+            if section.views_per_crop * self.data.crops_per_volume < 2:
+                raise ConfigError(
+                    f"objective.micle.views_per_crop ({section.views_per_crop}) x data.crops_per_volume "
+                    f"({self.data.crops_per_volume}) is 1 view per subject, which has no positive: raise either"
                 )
         if self.objective.name == "dae" and "block_mask" in self.objective.dae.disruptions:
             block = self.objective.dae.block_mask_size

@@ -25,12 +25,12 @@ import torch
 
 from volpre.config import RunConfig
 from volpre.data.cache import CachedCrops, VolumeCache, build_cache, cache_dir_for
-from volpre.data.dataset import InfiniteShardSampler, PretrainDataset, VolumeGroups, crop_loader
+from volpre.data.dataset import InfiniteShardSampler, PretrainDataset, crop_loader
 from volpre.data.manifest import load_manifest
 from volpre.data.synthetic import write_demo_data
 from volpre.engine.batches import to_device
 from volpre.engine.trainer import param_groups
-from volpre.objectives import build_pretrainer, samples_by_subject
+from volpre.objectives import build_items, build_pretrainer
 
 PHASES = ("data_wait", "host_to_device", "forward", "backward", "optimizer")
 
@@ -66,7 +66,7 @@ def _measure(cfg: RunConfig, manifest_path: Path, steps: int, warmup: int, devic
     report = build_cache(entries, cache, cfg.data.num_workers)
     if not report.ok:
         say(f"{len(report.failures)} entries failed their checks; their items are replaced by others")
-    groups = VolumeGroups.build(entries, by_subject=samples_by_subject(cfg))
+    groups = build_items(cfg, entries)
     dataset = PretrainDataset(groups, cfg.preprocess, cfg.data, cfg.train.seed, crops=CachedCrops(cache, cfg.data))
     loader = crop_loader(dataset, InfiniteShardSampler(len(groups), cfg.train.seed), cfg.data,
                          pin_memory=device.type == "cuda")

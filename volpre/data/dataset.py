@@ -5,7 +5,7 @@
   preprocesses each volume once and reads only the crops' regions afterwards. Both cut the
   same crops for the same generator (corners from :func:`~volpre.data.transforms.draw_crop_starts`).
 - :class:`VolumeGroups` lists what one dataset item draws from: one entry, or (for the
-  multi-instance contrastive objective) all scans of one subject.
+  multi-instance contrastive objective, ``micle``) all scans of one subject (of one modality).
 - :class:`PretrainDataset` turns an item into ``crops_per_volume`` random crops. Its randomness
   is a pure function of ``(seed, epoch, item)``, never of worker state, so a run resumed at any
   step sees exactly the crops the uninterrupted run saw. A volume that fails its checks is
@@ -85,25 +85,35 @@ class VolumeGroups:
 
     ``modality_classes`` are the sorted distinct :attr:`~volpre.data.manifest.ManifestEntry.modality_class`
     values of all entries; a crop's ``modality`` id is its entry's index in them (the same on every
-    rank, which reads the same manifest).
+    rank, which reads the same manifest). ``scan_index`` holds, parallel to ``groups``, each entry's
+    position in the sequence given to :meth:`build` (the ``scan`` id of its crops).
     """
 
     groups: tuple[tuple[ManifestEntry, ...], ...]
     subject_index: tuple[int, ...]
     modality_classes: tuple[str, ...]
+    scan_index: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def build(cls, entries: Sequence[ManifestEntry], by_subject: bool) -> "VolumeGroups":
-        """One item per entry, or one item per subject holding all of that subject's scans."""
-        subjects: dict[str, list[ManifestEntry]] = defaultdict(list)
-        for entry in entries:
-            subjects[entry.subject_or_id].append(entry)
-        subject_ids = {name: i for i, name in enumerate(sorted(subjects))}
+    def build(cls, entries: Sequence[ManifestEntry], by_subject: bool, by_modality: bool = False) -> "VolumeGroups":
+        """One item per entry, or (``by_subject``) one item per subject holding all of that subject's
+        scans, or (``by_subject`` and ``by_modality``) one item per subject and modality class.
+
+        Items are in entry order, or sorted by subject (then modality class); subject indices number
+        the sorted subject names (an entry without a subject is its own subject).
+        """
+        subject_ids = {name: i for i, name in enumerate(sorted({e.subject_or_id for e in entries}))}
         classes = tuple(sorted({e.modality_class for e in entries}))
-        if by_subject:
-            names = sorted(subjects)
-            return cls(tuple(tuple(subjects[n]) for n in names), tuple(subject_ids[n] for n in names), classes)
-        return cls(tuple((e,) for e in entries), tuple(subject_ids[e.subject_or_id] for e in entries), classes)
+        if not by_subject:
+            return cls(tuple((e,) for e in entries), tuple(subject_ids[e.subject_or_id] for e in entries), classes,
+                       tuple((k,) for k in range(len(entries))))
+        items: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for position, entry in enumerate(entries):
+            items[(entry.subject_or_id, entry.modality_class if by_modality else "")].append(position)
+        keys = sorted(items)
+        return cls(tuple(tuple(entries[k] for k in items[key]) for key in keys),
+                   tuple(subject_ids[subject] for subject, _ in keys), classes,
+                   tuple(tuple(items[key]) for key in keys))
 
     def modality_id(self, entry: ManifestEntry) -> int:
         """Index of ``entry``'s modality class in :attr:`modality_classes`."""
@@ -111,6 +121,10 @@ class VolumeGroups:
 
     def __len__(self) -> int:
         return len(self.groups)
+
+    def items_with_several_scans(self) -> int:
+        """How many items hold two scans or more."""
+        return sum(len(scans) >= 2 for scans in self.scan_index)
 
 
 def item_seed(seed: int, epoch: int, item: int) -> int:
@@ -211,12 +225,16 @@ class StopRun:
 class PretrainDataset(torch.utils.data.Dataset):
     """``dataset[(epoch, item)]`` -> list of ``crops_per_volume`` crop dicts.
 
-    Each crop: ``image`` float32 tensor ``(C, *roi)`` (CT in [0, 1], MR z-scored), ``subject``
-    int64 scalar tensor (index of the item's subject, for the multi-instance contrastive
-    objective) and ``modality`` int64 scalar tensor (its entry's modality class id,
-    :meth:`VolumeGroups.modality_id`, for the cross-modal contrastive loss). When an item's group holds several scans (by-subject items), its crops
-    cycle over the scans, starting at a random one. ``crops`` cuts them (default:
-    :class:`OnTheFlyCrops`; the trainer passes the cache's ``CachedCrops``).
+    Each crop: ``image`` float32 tensor ``(C, *roi)`` (CT in [0, 1], MR z-scored) and four int64
+    scalar tensors: ``subject`` (index of the item's subject), ``modality`` (its entry's modality
+    class id, :meth:`VolumeGroups.modality_id`, for the DAE's cross-modal contrastive loss),
+    ``item`` (the dataset item it belongs to) and ``scan`` (the entry it was cut from: its position
+    in the manifest's selected entries), the last two for the contrastive objectives. When an
+    item's group holds several scans (by-subject items), its crops come from
+    ``min(scans, crops_per_volume)`` distinct scans drawn at random without replacement, shared out
+    in turn (so ``crops_per_volume >= 2`` always gives crops of two different scans of an item that
+    has them). ``crops`` cuts them (default: :class:`OnTheFlyCrops`; the trainer passes the cache's
+    ``CachedCrops``).
     """
 
     def __init__(
@@ -254,20 +272,23 @@ class PretrainDataset(torch.utils.data.Dataset):
 
     def _try_item(self, epoch: int, index: int) -> list[dict] | None:
         rng = np.random.default_rng(item_seed(self.seed, epoch, index))
-        group = [e for e in self.groups.groups[index] if e.id not in self._known_bad]
+        group = [(e, scan) for e, scan in zip(self.groups.groups[index], self.groups.scan_index[index])
+                 if e.id not in self._known_bad]
         if not group:
             return None
-        first = int(rng.integers(len(group)))
-        order = [group[(first + k) % len(group)] for k in range(min(len(group), self.data.crops_per_volume))]
+        # distinct scans at random (a one-scan group draws nothing here, so its stream is unchanged)
+        order = [group[k] for k in rng.permutation(len(group))[: self.data.crops_per_volume]]
         per_entry = [self.data.crops_per_volume // len(order) + (k < self.data.crops_per_volume % len(order))
                      for k in range(len(order))]
         crops: list[torch.Tensor] = []
         modalities: list[int] = []
-        for entry, count in zip(order, per_entry):
+        scans: list[int] = []
+        for (entry, scan), count in zip(order, per_entry):
             try:
                 entry_rng = np.random.default_rng(int(rng.integers(2**31)))
                 crops.extend(_checked_finite(entry, self.crops(entry, count, entry_rng)))
                 modalities.extend([self.groups.modality_id(entry)] * count)
+                scans.extend([scan] * count)
             except Exception as error:  # noqa: BLE001 - narrowed at once: bad data is recorded, the rest raised
                 bad = as_bad_data(error, str(entry.image[0]))
                 if bad is None:
@@ -278,8 +299,9 @@ class PretrainDataset(torch.utils.data.Dataset):
                 self.bad_entries.record(entry, bad)
                 return None
         subject = torch.tensor(self.groups.subject_index[index], dtype=torch.int64)
-        return [{"image": c, "subject": subject, "modality": torch.tensor(m, dtype=torch.int64)}
-                for c, m in zip(crops, modalities)]
+        item = torch.tensor(index, dtype=torch.int64)
+        return [{"image": c, "subject": subject, "modality": torch.tensor(m, dtype=torch.int64), "item": item,
+                 "scan": torch.tensor(k, dtype=torch.int64)} for c, m, k in zip(crops, modalities, scans)]
 
 
 def _checked_finite(entry: ManifestEntry, crops: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -336,8 +358,9 @@ def crop_loader(dataset: PretrainDataset, sampler: Iterable[tuple[int, int]], da
     """The pretraining ``DataLoader``: ``data.num_workers`` persistent workers cut the crops (each
     reads only its crops' regions from the cache), 4 batches prefetched per worker.
 
-    Each batch: ``image`` float32 ``(data.batch_size * crops_per_volume, C, *roi)``, ``subject``
-    and ``modality`` int64 ``(data.batch_size * crops_per_volume,)``.
+    Each batch: ``image`` float32 ``(data.batch_size * crops_per_volume, C, *roi)``; ``subject``,
+    ``modality``, ``item`` and ``scan`` int64 ``(data.batch_size * crops_per_volume,)``; an item's
+    crops are consecutive.
     """
     workers = data.num_workers
     return CropLoader(

@@ -23,7 +23,8 @@ A checkpoint holds only tensors and plain Python values (dicts, lists, str, int,
 so the safe ``weights_only`` unpickler reads it:
 ``model`` (encoder + decoder + objective heads, no DDP/compile prefixes), ``optimizer``,
 ``scheduler``, ``scaler``, ``ema`` (or None), ``rng`` (per-rank RNG states), ``step``,
-``items_seen`` (per-rank data position), ``world_size``, ``best_loss``, ``best_probe``, ``config``,
+``items_seen`` (per-rank data position), ``world_size``, ``sync_batchnorm`` (whether BatchNorm layers
+reduced across ranks), ``best_loss``, ``best_probe``, ``config``,
 ``versions``, ``encoder`` (name), ``manifest`` (path and SHA-256 of the manifest the weights are
 being trained on), ``data`` (the selected splits, the entries and the history of data changes:
 :mod:`volpre.engine.provenance`), ``nnunet_plans`` (the nnU-Net plans dict of an ``nnunet``

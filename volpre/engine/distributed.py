@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import ignite.distributed as idist
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,3 +108,32 @@ def teardown_distributed(ctx: DistContext) -> None:
     gc.collect()
     if ctx.backend is not None:
         idist.finalize()
+
+
+def sync_batchnorm(module: torch.nn.Module, ctx: DistContext, enabled: bool) -> tuple[torch.nn.Module, bool]:
+    """BatchNorm over the global batch under DDP (``train.sync_batchnorm``).
+
+    With several processes on CUDA (NCCL), every BatchNorm layer of ``module`` (already on
+    ``ctx.device``) becomes a ``torch.nn.SyncBatchNorm`` (``convert_sync_batchnorm``), so each
+    normalises with the statistics of every rank's batch: SimCLR's global BN (Chen et al. 2020,
+    section 2.2; its official code's ``global_bn``), without which two views of one crop on one rank
+    can find each other through their shared local statistics; SparK's masked BatchNorm reduces
+    across the same group. ``torch.nn.SyncBatchNorm`` runs on CUDA only, so CPU processes (gloo)
+    keep per-process BatchNorm and rank 0 logs one line saying so. One process, a model without
+    BatchNorm, or ``enabled=False``: unchanged.
+
+    Returns ``(module, converted)``; ``converted`` says whether layers now reduce across ranks (the
+    checkpoint records it).
+    """
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+    if not (enabled and has_batchnorm and ctx.world_size > 1):
+        return module, False
+    if ctx.device.type != "cuda":
+        if ctx.is_main:
+            log.warning(
+                "train.sync_batchnorm: BatchNorm layers keep per-process statistics on %d %s processes "
+                "(torch.nn.SyncBatchNorm runs on CUDA only); on GPUs they reduce across ranks",
+                ctx.world_size, ctx.device.type,
+            )
+        return module, False
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module), True

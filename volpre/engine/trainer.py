@@ -1,6 +1,11 @@
 """The pretraining run: data stream -> pretrainer (encoder + decoder + objective) -> AdamW, on an
 Ignite ``Engine``, with AMP, gradient accumulation and clipping, EMA, DDP, logs and checkpoints.
 
+Under DDP on CUDA every BatchNorm layer of the pretrainer (the ResNet encoder's, the contrastive
+projection heads') becomes a ``torch.nn.SyncBatchNorm`` (``train.sync_batchnorm``, on by default;
+:func:`volpre.engine.distributed.sync_batchnorm`), and the checkpoint records it
+(``sync_batchnorm``). CPU processes (gloo) keep per-process BatchNorm, with a log line.
+
 One Ignite iteration is one optimiser step over ``train.grad_accum`` micro-batches. The
 learning rate follows a linear warmup over ``train.warmup_steps`` and a cosine decay to
 ``train.min_lr`` at ``train.total_steps``; ``max_steps`` only says where this invocation stops,
@@ -42,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from volpre.config import RunConfig, config_from_dict
 from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
-from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups, crop_loader
+from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, crop_loader
 from volpre.data.manifest import ManifestError, load_manifest
 from volpre.data.nnunet_plan import NNUNetPlan, resolve_run_config
 from volpre.engine.batches import DevicePrefetcher, StepBatches
@@ -54,11 +59,11 @@ from volpre.engine.checkpoint import (
     newest_readable,
     restore_rng,
 )
-from volpre.engine.distributed import DistContext, setup_distributed, teardown_distributed
+from volpre.engine.distributed import DistContext, setup_distributed, sync_batchnorm, teardown_distributed
 from volpre.engine.ema import build_ema, update_ema
 from volpre.engine.logging import RunLogger
 from volpre.engine.provenance import RunData, compare, describe_splits
-from volpre.objectives import build_pretrainer, samples_by_subject
+from volpre.objectives import build_items, build_pretrainer, check_items_fit_objective
 from volpre.versions import installed_versions
 
 log = logging.getLogger(__name__)
@@ -256,7 +261,10 @@ class Pretraining:
             raise ManifestError(f"manifest {manifest_path}: no entries to pretrain on")
         self.data = RunData.of(self.manifest_path, file_sha256(self.manifest_path), entries, splits)
         self.data_history, self.data_event = self._data_history(saved, new_data)
-        self.groups = VolumeGroups.build(entries, by_subject=samples_by_subject(cfg))
+        self.groups = build_items(cfg, entries)
+        for warning in check_items_fit_objective(cfg, self.groups, str(manifest_path), ctx.world_size):
+            if ctx.is_main:
+                log.warning(warning)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.module = build_pretrainer(cfg)
@@ -266,6 +274,8 @@ class Pretraining:
                 raise CheckpointError("--init starts a new run from other weights; --resume continues this run's own")
             self.init = _initialise_encoder(self.module.encoder, cfg, *init)
         self.module = self.module.to(ctx.device)
+        self.module, self.sync_batchnorm = sync_batchnorm(self.module, ctx, cfg.train.sync_batchnorm)
+        """Whether this run's BatchNorm layers reduce their statistics across ranks (train.sync_batchnorm)."""
         if cfg.train.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last_3d)
         self.ema = None
@@ -407,6 +417,7 @@ class Pretraining:
             "step": self.step,
             "items_seen": self.step * self.items_per_step,
             "world_size": self.ctx.world_size,
+            "sync_batchnorm": self.sync_batchnorm,
             "best_loss": self.best_loss,
             "best_probe": self.best_probe,
             "config": self.cfg.to_dict(),

@@ -10,9 +10,11 @@ A micro-step has two halves, so that the second can be compiled without graph br
 2. ``pretrainer(batch, draws)`` (the DDP-wrapped, optionally compiled ``forward``): deterministic
    given ``batch`` and ``draws``.
 
-``batch["image"]`` is ``(B, C, X, Y, Z)`` float on the training device; ``batch.get("subject")`` and
-``batch.get("modality")`` are optional ``(B,)`` integer tensors of subject ids and modality class
-ids (the data loader always provides both). :func:`draw_and_forward` runs both halves
+``batch["image"]`` is ``(B, C, X, Y, Z)`` float on the training device; ``batch.get("subject")``,
+``batch.get("modality")``, ``batch.get("item")`` and ``batch.get("scan")`` are optional ``(B,)``
+integer tensors of subject ids, modality class ids, dataset item ids and manifest entry ids (the
+data loader always provides all four; the contrastive objectives form their pairs from them).
+:func:`draw_and_forward` runs both halves
 (tests and probes use it). Export takes ``pretrainer.encoder.state_dict()``; the decoder and any
 objective-specific parameters (mask tokens, projection heads) are dropped.
 """
@@ -47,10 +49,11 @@ class Pretrainer(nn.Module, abc.ABC):
     Args:
         encoder: a volpre encoder (five maps at strides 2..32; ``feature_channels``).
         decoder: maps encoder features (the five maps, or what the objective makes of them) back
-            to ``(B, C, X, Y, Z)``.
+            to ``(B, C, X, Y, Z)``; ``None`` for an objective that reconstructs nothing (its forward
+            must not use one).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module | None) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder

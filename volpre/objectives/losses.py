@@ -17,7 +17,8 @@ PATCH_NORM_EPS = 1e-6
 """Added to each patch's variance before the square root (as in MAE)."""
 
 _LOGIT_OF_SELF = -1e9
-"""Stands in for an anchor's similarity to itself so it drops out of the softmax without -inf."""
+"""Stands in for the similarity of an anchor to itself (and to candidates that are neither positive
+nor negative) so they drop out of the softmax without -inf."""
 
 
 def reconstruction_loss(
@@ -99,44 +100,92 @@ def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_fn.all_gather(x), dim=0)
 
 
+def rank_offset(rows: int) -> int:
+    """Index of this rank's first row in a batch of ``rows`` rows per rank gathered by
+    :func:`gather_across_ranks` (0 in one process): add it to local row indices to make ids that
+    mean the same on every rank."""
+    return dist.get_rank() * rows if _distributed() else 0
+
+
+def pair_roles(
+    groups: torch.Tensor,
+    candidate_groups: torch.Tensor,
+    own_index: torch.Tensor,
+    neutral_groups: torch.Tensor | None = None,
+    candidate_neutral_groups: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which candidates are an anchor's positives and which its negatives.
+
+    Anchor ``i`` and candidate ``j`` (not the anchor itself, ``j != own_index[i]``) are a positive
+    pair when ``groups[i] == candidate_groups[j]``; otherwise a negative pair, unless the neutral ids
+    are given and equal (``neutral_groups[i] == candidate_neutral_groups[j]``): then they are
+    neither, and the candidate drops out of the anchor's softmax. The anchor itself is neither.
+
+    Args:
+        groups: ``(N,)`` integer ids of the anchors; ``candidate_groups``: ``(M,)`` of the candidates.
+        own_index: ``(N,)`` long, each anchor's own row among the candidates.
+        neutral_groups, candidate_neutral_groups: optional ``(N,)`` and ``(M,)`` integer ids.
+
+    Returns:
+        ``(positive, negative)``, two disjoint ``(N, M)`` bool masks.
+    """
+    self_pair = torch.arange(candidate_groups.shape[0], device=groups.device).view(1, -1) == own_index.view(-1, 1)
+    same = groups.view(-1, 1) == candidate_groups.view(1, -1)
+    negative = ~same
+    if neutral_groups is not None:
+        negative = negative & (neutral_groups.view(-1, 1) != candidate_neutral_groups.view(1, -1))
+    return same & ~self_pair, negative
+
+
 def multi_positive_info_nce(
-    embeddings: torch.Tensor, groups: torch.Tensor, temperature: float, *, need_negative: bool = False
+    embeddings: torch.Tensor,
+    groups: torch.Tensor,
+    temperature: float,
+    neutral_groups: torch.Tensor | None = None,
+    *,
+    need_negative: bool = False,
 ) -> torch.Tensor:
     """InfoNCE with any number of positives per anchor (SupCon's "L_out" form), over the global batch.
 
     Every local row is an anchor. Its candidates are all rows of every rank (gathered with
     :func:`gather_across_ranks`, so under DDP the negatives are the global batch, not this rank's
-    few crops) except itself; its positives are the candidates with the same group id. With two
-    views per group this is NT-Xent (SimCLR). Anchors without a positive are left out; if no local
-    anchor has one, the loss is 0 (finite, with zero gradient). Group ids must mean the same on
-    every rank (e.g. global subject indices). With ``need_negative``, anchors whose candidates are
-    all positives are left out too (with class-like groups such as modalities, a batch of one
-    class has nothing to contrast, and its term would only equalise the similarities).
+    few crops) except itself; :func:`pair_roles` says which are positives (same group id) and
+    which negatives (another group id and, when ``neutral_groups`` is given, another neutral id);
+    candidates that are neither are left out of the softmax. With two views per group and no
+    neutral ids this is NT-Xent (SimCLR). Anchors without a positive are left out; if no local
+    anchor has one, the loss is 0 (finite, with zero gradient). Ids must mean the same on every
+    rank (e.g. global subject indices, or local indices plus :func:`rank_offset`).
+    With ``need_negative``, anchors without a negative are left out too (with class-like groups
+    such as modalities, a batch of one class has nothing to contrast, and its term would only
+    equalise the similarities).
 
     Args:
         embeddings: ``(N, D)`` float, this rank's rows (normalised to unit length here).
         groups: ``(N,)`` integer group ids on the same device.
         temperature: softmax temperature, > 0.
+        neutral_groups: optional ``(N,)`` integer ids; rows that share one but not a group id are
+            neither positives nor negatives of each other.
         need_negative: also leave out anchors without a negative.
 
     Returns:
         Scalar float32: mean over local anchors with positives of
-        ``-mean_p log(exp(s_ip / t) / sum_{a != i} exp(s_ia / t))``.
+        ``-mean_p log(exp(s_ip / t) / sum_{a in P(i) or N(i)} exp(s_ia / t))``.
     """
     z = F.normalize(embeddings.float(), dim=1)
     n = z.shape[0]
     candidates = gather_across_ranks(z)
     candidate_groups = gather_across_ranks(groups.detach())
-    offset = dist.get_rank() * n if _distributed() else 0
-    own = torch.arange(n, device=z.device) + offset
-    self_pair = torch.arange(candidates.shape[0], device=z.device).view(1, -1) == own.view(-1, 1)
-    logits = (z @ candidates.T / temperature).masked_fill(self_pair, _LOGIT_OF_SELF)
+    candidate_neutral = None if neutral_groups is None else gather_across_ranks(neutral_groups.detach())
+    own = torch.arange(n, device=z.device) + rank_offset(n)
+    positive, negative = pair_roles(groups, candidate_groups, own, neutral_groups, candidate_neutral)
+    with torch.autocast(device_type=z.device.type, enabled=False):  # similarities in float32, also under autocast
+        similarity = z @ candidates.T
+    logits = (similarity / temperature).masked_fill(~(positive | negative), _LOGIT_OF_SELF)
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    positive = (groups.view(-1, 1) == candidate_groups.view(1, -1)) & ~self_pair
     positive_count = positive.sum(dim=1)
     anchor_loss = -(log_prob * positive).sum(dim=1) / positive_count.clamp_min(1)
     counted = positive_count > 0
     if need_negative:
-        counted = counted & (positive_count < candidates.shape[0] - 1)
+        counted = counted & negative.any(dim=1)
     counted = counted.to(anchor_loss.dtype)
     return (anchor_loss * counted).sum() / counted.sum().clamp_min(1.0)
