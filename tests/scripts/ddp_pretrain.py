@@ -35,7 +35,7 @@ ctx = setup_distributed("cpu")
 run = Pretraining(cfg, manifest, output, ctx)
 syncs: list[bool] = []
 ddp = run.ddp
-run.module.register_forward_pre_hook(lambda module, args: syncs.append(ddp.require_backward_grad_sync))
+run.module.register_forward_pre_hook(lambda module, args, ddp=ddp: syncs.append(ddp.require_backward_grad_sync))
 result = run.run(max_steps=3)
 weights = torch.cat([p.detach().flatten() for p in run.module.parameters()])
 gathered = [None] * ctx.world_size
