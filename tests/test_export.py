@@ -315,11 +315,11 @@ def test_export_writes_a_complete_bundle(tmp_path, resnet_checkpoint, demo_manif
     assert metadata["changelog"]["0.1.0"].startswith("exported by volpre")
     # README: what the weights are and the exact commands
     readme = (out / "docs/README.md").read_text()
-    assert "pretrained with the `dae` objective for\n  7 optimiser steps" in readme
+    assert "pretrained with the `dae` objective for 7 optimiser steps" in readme
     assert '"resnet": {"depth": 10}' in readme and '"swin"' not in readme
     checkpoint_sha256 = hashlib.sha256(resnet_checkpoint.read_bytes()).hexdigest()
     assert "manifest `manifest.json`, SHA-256 `" + "ab" * 32 in readme  # the recorded manifest: name and digest
-    assert f"checkpoint\n  `resnet.pt` (SHA-256 `{checkpoint_sha256}`" in readme
+    assert f"checkpoint `resnet.pt` (SHA-256 `{checkpoint_sha256}`" in readme
     assert f"`{demo_manifest.name}`, key `manifest` of" in readme  # the manifest given at export, by name
     assert "--bundle_root BUNDLE" in readme and "--manifest MANIFEST" in readme  # placeholders, no paths
     assert str(tmp_path) not in readme and "/data/pretrain" not in readme
@@ -387,7 +387,7 @@ def test_a_bundle_exported_without_manifest_holds_no_local_path(tmp_path, swin_c
     checkpoint = private / "last.pt"
     state = torch.load(swin_checkpoint, weights_only=True)
     state["manifest"] = {"path": str(private / "archive.json"), "sha256": "cd" * 32}
-    torch.save(state, checkpoint)
+    torch.save(with_checksum(state), checkpoint)
     monkeypatch.chdir(private)
     out = export_bundle(checkpoint, "survival", private / "bundle")
     assert local_paths_in(out, [private, tmp_path, Path.home(), REPO]) == {}

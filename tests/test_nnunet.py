@@ -28,6 +28,7 @@ from volpre.config import ConfigError, NNUNetConfig, load_config  # noqa: E402
 from volpre.data.manifest import load_manifest  # noqa: E402
 from volpre.data.nnunet_plan import NNUNetPlan, plans_sha256, resolve_run_config  # noqa: E402
 from volpre.data.readers import read_volume  # noqa: E402
+from volpre.engine.checkpoint import with_checksum  # noqa: E402
 from volpre.export.nnunet import export_nnunet  # noqa: E402
 from volpre.export.weights import WeightsError  # noqa: E402
 from volpre.models.nnunet import build_nnunet_network, pretraining_network, transferable_keys  # noqa: E402
@@ -305,7 +306,7 @@ def test_export_errors_name_the_problem(planned, pretrained, tmp_path, capsys):
     saved["model"].pop("decoder.stages.0.convs.0.conv.weight")
     saved["model"]["encoder.extra"] = torch.zeros(1)
     broken = tmp_path / "broken.pt"
-    torch.save(saved, broken)
+    torch.save(with_checksum(saved), broken)  # intact as a file: the keys are what is wrong
     with pytest.raises(WeightsError, match=r"(?s)missing from the file \(1\): decoder.stages.0.convs.0.conv.weight\n"
                                            r"  unexpected in the file \(1\): encoder.extra"):
         export_nnunet(broken, tmp_path / "d.pth")

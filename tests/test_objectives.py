@@ -309,7 +309,8 @@ def _info_nce_on_rank(rank: int, world: int, init_file: str, z_all, groups_all, 
         z = z_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
         loss = multi_positive_info_nce(z, groups_all[rank * n:(rank + 1) * n], 0.3)
         loss.backward()
-        result_queue.put((rank, loss.detach(), z.grad))
+        # numpy arrays travel by value (tensors would share memory this process frees when it exits)
+        result_queue.put((rank, loss.detach().numpy(), z.grad.numpy()))
     finally:
         dist.destroy_process_group()
 
@@ -324,7 +325,8 @@ def test_info_nce_under_two_processes_uses_the_global_batch_and_its_gradient(tmp
     ranks = [SPAWN.Process(target=_info_nce_on_rank, args=(r, world, str(tmp_path / "pg"), z_all, groups_all, queue))
              for r in range(world)]
     with spawned(ranks):
-        results = dict((rank, (loss, grad)) for rank, loss, grad in (queue.get(timeout=120) for _ in ranks))
+        results = {rank: (torch.from_numpy(loss), torch.from_numpy(grad))
+                   for rank, loss, grad in (queue.get(timeout=120) for _ in ranks)}
         assert join_or_kill(ranks, timeout=60) == [0, 0]
     reference_z = z_all.clone().requires_grad_(True)
     reference = multi_positive_info_nce(reference_z, groups_all, 0.3)
@@ -418,8 +420,9 @@ def _masked_batch_norm_on_rank(rank: int, world: int, init_file: str, x_all, vis
         x = x_all[rank * n:(rank + 1) * n].clone().requires_grad_(True)
         out = masked_batch_norm(x, visible_all[rank * n:(rank + 1) * n], norm)
         (out * upstream_all[rank * n:(rank + 1) * n]).sum().backward()
-        queue.put((rank, out.detach(), x.grad, norm.weight.grad, norm.bias.grad,
-                   norm.running_mean.clone(), norm.running_var.clone()))
+        # numpy arrays travel by value (tensors would share memory this process frees when it exits)
+        queue.put((rank, *(t.detach().numpy() for t in (out, x.grad, norm.weight.grad, norm.bias.grad,
+                                                         norm.running_mean, norm.running_var))))
     finally:
         dist.destroy_process_group()
 
@@ -437,7 +440,7 @@ def test_masked_sync_batch_norm_under_two_processes_uses_the_global_batch(tmp_pa
     args = (world, str(tmp_path / "pg"), x_all, visible_all, upstream_all, queue)
     ranks = [SPAWN.Process(target=_masked_batch_norm_on_rank, args=(r, *args)) for r in range(world)]
     with spawned(ranks):
-        results = {r[0]: r[1:] for r in (queue.get(timeout=120) for _ in ranks)}
+        results = {r[0]: tuple(torch.from_numpy(a) for a in r[1:]) for r in (queue.get(timeout=120) for _ in ranks)}
         assert join_or_kill(ranks, timeout=60) == [0, 0]
     torch.manual_seed(0)
     norm = torch.nn.BatchNorm3d(3, momentum=0.3)

@@ -228,9 +228,11 @@ def test_torchrun_cli(demo_manifest, tmp_path):
     assert len(_losses(tmp_path)) == 2  # rank 0 alone logs
 
 
-def test_accumulation_ema_and_bf16_autocast(demo_manifest, tmp_path):
-    """The GPU-facing switches run on the CPU too: bf16 autocast, gradient accumulation, EMA."""
-    cfg = load_config("resnet-dae-tiny", FAST + ["train.amp=bf16", "train.grad_accum=2", "train.ema_decay=0.9"])
+def test_accumulation_ema_and_fp16_autocast(demo_manifest, tmp_path):
+    """The GPU-facing switches run on the CPU too: fp16 autocast with the GradScaler, gradient
+    accumulation, EMA. (Not bf16: PyTorch 2.13's CPU bf16 convolution backward gives intermittent
+    NaN weight gradients, which the divergence check rightly stops; see tests/test_objectives.py.)"""
+    cfg = load_config("resnet-dae-tiny", FAST + ["train.amp=fp16", "train.grad_accum=2", "train.ema_decay=0.9"])
     result = pretrain(cfg, demo_manifest, tmp_path, max_steps=2, device="cpu")
     assert result.final_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")

@@ -26,7 +26,7 @@ from child_processes import run_command
 from volpre.cli import main
 from volpre.config import ConfigError, load_config
 from volpre.data.manifest import Manifest, load_manifest, save_manifest
-from volpre.engine.checkpoint import load_checkpoint
+from volpre.engine.checkpoint import load_checkpoint, with_checksum
 from volpre.engine.trainer import pretrain
 from volpre.evaluate.probe import TrainingProbe, segmentation
 from volpre.evaluate.probe.compare import random_encoder
@@ -253,7 +253,7 @@ def test_other_user_errors_exit_2(tmp_path, checkpoint, demo_manifest):
                                 "--out", tmp_path / "d")
     assert status == 2 and "no.json" in stderr
     plain = tmp_path / "plain.pt"
-    torch.save({**torch.load(checkpoint, weights_only=True), "ema": None}, plain)
+    torch.save(with_checksum({**torch.load(checkpoint, weights_only=True), "ema": None}), plain)
     status, _, stderr = run_cli("evaluate", "probe", "--pretrained", plain, "--manifest", demo_manifest,
                                 "--out", tmp_path / "e", "--weights", "ema")
     assert status == 2 and "the run kept no moving average" in stderr
