@@ -76,6 +76,18 @@ class EvaluationData:
         return [e for e in self.train if e.subject_or_id in chosen]
 
 
+def has_comparable_pair(entries: Sequence[ManifestEntry]) -> bool:
+    """Whether Harrell's C-index is defined on these entries' ``time`` and ``event``: at least one
+    observed event earlier than another entry's time (:func:`volpre.survival.concordance_index`)."""
+    times = torch.tensor([e.time for e in entries], dtype=torch.float64)
+    events = torch.tensor([e.event for e in entries], dtype=torch.float64)
+    try:
+        concordance_index(torch.zeros_like(times), times, events)
+    except ZeroDivisionError:
+        return False
+    return True
+
+
 def select_evaluation_data(manifest_path: str | os.PathLike[str], task: Task, modality: str) -> EvaluationData:
     """Read ``manifest_path`` and check it can support a label-efficiency evaluation.
 
@@ -127,17 +139,12 @@ def select_evaluation_data(manifest_path: str | os.PathLike[str], task: Task, mo
             f"{modality} entries in that split in all); every run is scored on the fixed 'val' split: "
             "assign some subjects (never trained on) to split 'val'"
         )
-    if task == "survival":
-        times = torch.tensor([e.time for e in val], dtype=torch.float64)
-        events = torch.tensor([e.event for e in val], dtype=torch.float64)
-        try:
-            concordance_index(torch.zeros_like(times), times, events)
-        except ZeroDivisionError as error:
-            raise EvaluationError(
-                f"manifest {path}: the {len(val)} {modality} entries of split 'val' have no comparable pair "
-                f"(events {int(events.sum())}, distinct times {times.unique().numel()}), so no C-index can be "
-                "computed; expected at least one observed event earlier than another entry's time"
-            ) from error
+    if task == "survival" and not has_comparable_pair(val):
+        raise EvaluationError(
+            f"manifest {path}: the {len(val)} {modality} entries of split 'val' have no comparable pair "
+            f"(events {sum(int(e.event) for e in val)}, distinct times {len({e.time for e in val})}), so no "
+            "C-index can be computed; expected at least one observed event earlier than another entry's time"
+        )
     return EvaluationData(manifest=manifest, task=task, modality=modality, train=tuple(train), val=tuple(val))
 
 

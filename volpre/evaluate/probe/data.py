@@ -29,9 +29,8 @@ from volpre.config import PreprocessConfig
 from volpre.data.manifest import ManifestEntry
 from volpre.data.transforms import preprocess_transforms, window_transform
 from volpre.evaluate.errors import EvaluationError
-from volpre.evaluate.sampling import Task, select_evaluation_data
+from volpre.evaluate.sampling import Task, has_comparable_pair, select_evaluation_data
 from volpre.models import FEATURE_STRIDES
-from volpre.survival.concordance import concordance_index
 
 TOTAL_STRIDE = FEATURE_STRIDES[-1]
 """Every padded volume's spatial size is a multiple of this (the encoders downsample 5 times by 2)."""
@@ -95,15 +94,12 @@ def load_volume(entry: ManifestEntry, preprocess: PreprocessConfig, modality: st
 
 
 def _check_survival_val(val: list[ManifestEntry], where: str) -> None:
-    times = torch.tensor([e.time for e in val], dtype=torch.float64)
-    events = torch.tensor([e.event for e in val], dtype=torch.float64)
-    try:
-        concordance_index(torch.zeros_like(times), times, events)
-    except ZeroDivisionError as error:
+    if not has_comparable_pair(val):
         raise EvaluationError(
             f"{where}: the {len(val)} probed entries of split 'val' have no comparable pair (events "
-            f"{int(events.sum())}), so no C-index can be computed; raise max_entries or add val subjects with events"
-        ) from error
+            f"{sum(int(e.event) for e in val)}), so no C-index can be computed; raise max_entries or add val "
+            "subjects with events"
+        )
 
 
 def _shared_covariates(entries: list[ManifestEntry]) -> tuple[str, ...]:
