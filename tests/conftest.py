@@ -29,6 +29,15 @@ def demo_manifest(tmp_path_factory) -> Path:
     return write_demo_data(tmp_path_factory.mktemp("demo") / "data", subjects=DEMO_SUBJECTS, seed=0)
 
 
+def pytest_report_header(config) -> str:
+    """Free space where the tests write (a full disk fails checkpoint writes by the dozen)."""
+    import shutil
+    import tempfile
+
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    return f"free disk in {tempfile.gettempdir()}: {free / 2**30:.1f} GiB (the suite writes up to ~1 GiB at a time)"
+
+
 HARD_TIMEOUT_MARGIN_S = 120
 """The watchdog fires this long after pytest-timeout should have failed the test."""
 
