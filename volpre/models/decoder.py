@@ -71,7 +71,14 @@ class UNetDecoder(nn.Module):
         """``features[i]``: ``(B, encoder_channels[i], X/2**(i+1), ...)`` -> ``(B, out_channels, X, Y, Z)``."""
         x = self.bottleneck(features[-1])
         for stage, skip in zip(self.up_stages, reversed(features[:-1])):
-            x = stage(x, skip)
+            # UpCat.forward's computation, called piecewise: its torch.jit.isinstance check is a
+            # torch.compile graph break per stage. The encoder's strides are exact (crop sides are
+            # multiples of 32), so UpCat's replicate padding of odd shapes never applies.
+            up = stage.upsample(x)
+            if up.shape[2:] != skip.shape[2:]:
+                raise ValueError(f"decoder: upsampled map {tuple(up.shape[2:])} does not match the encoder map "
+                                 f"{tuple(skip.shape[2:])}; crop sides must be multiples of 32")
+            x = stage.convs(torch.cat([skip, up], dim=1))
         return self.head(self.to_full_resolution(x))
 
 
