@@ -76,3 +76,24 @@ def test_a_finished_command_returns_its_output_and_exit_code():
     done = run_command([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
                        timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+
+def test_volpre_run_logged_kills_a_command_and_its_group_past_the_timeout(tmp_path, monkeypatch):
+    from volpre import processes
+
+    monkeypatch.setattr(processes, "TERM_GRACE_S", 5.0)
+    pid_file, log = tmp_path / "grandchild.pid", tmp_path / "log.txt"
+    script = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); p.wait()")
+    with pytest.raises(processes.CommandTimeout, match=r"did not finish within 3 s and was killed; log: .*log.txt"):
+        processes.run_logged([sys.executable, "-c", script], log, timeout_s=3)
+    assert "started" in log.read_text() and log.read_text().startswith(sys.executable)
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):
+        if not _running(grandchild):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(grandchild, 9)
+        pytest.fail("the grandchild survived the timeout")
+    assert processes.run_logged([sys.executable, "-c", "import sys; sys.exit(3)"], log, timeout_s=60) == 3

@@ -214,19 +214,48 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 def _cmd_bench_step(args: argparse.Namespace) -> int:
     import json
 
+    from volpre.bench.reference import crop_problem
     from volpre.bench.step import format_step_table, run_step_bench
     from volpre.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.amp is not None:
+        overrides.append(f"train.amp={args.amp}")
+    if args.compile:
+        overrides.append("train.compile=true")
+    cfg = load_config(args.config, overrides)
     if args.steps < 1 or args.warmup < 0:
         raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
-    result = run_step_bench(cfg, args.manifest, args.steps, args.warmup, args.device,
+    if args.reference is not None and cfg.data.roi is not None and crop_problem(list(cfg.data.roi)):
+        raise UserError(f"--reference: {crop_problem(list(cfg.data.roi))}; e.g. data.roi=[32,64,64]")
+    result = run_step_bench(cfg, args.manifest, args.steps, args.warmup, args.device, reference=args.reference,
                             say=lambda line: print(line, file=sys.stderr, flush=True))
+    result["config"] = args.config
     print(format_step_table(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_bench_gpu(args: argparse.Namespace) -> int:
+    import torch
+
+    from volpre.bench.gpu import run_gpu_acceptance
+
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("bench gpu: torch sees no CUDA device (pass --device cpu for a smoke run of the cases)")
+    configs = None if args.configs is None else [c for c in args.configs.split(",") if c]
+    report = run_gpu_acceptance(args.out, args.steps, args.warmup, args.device, configs, args.swin, args.resnet,
+                                args.amp, args.nnunet_plans, args.peak_tflops, tuple(args.skip))
+    print(f"wrote {args.out / 'gpu_acceptance.json'} ({len(report['cases'])} cases in {report['wall_s']:.0f} s)")
+    if report["failed"]:
+        print(f"failed: {', '.join(report['failed'])} (errors in the JSON and in {args.out / 'cases'})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -618,7 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuning epochs of each survival arm (default 10; 3 optimiser steps each)")
     p.set_defaults(run=_cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks: data throughput, training step breakdown, benchmark volumes")
+    p = sub.add_parser("bench", help="benchmarks: data throughput, training step breakdown, GPU acceptance, "
+                       "benchmark volumes")
     bsub = p.add_subparsers(dest="bench_command", metavar="ACTION")
     bsub.required = True
     q = bsub.add_parser("data", help="random-crop throughput: plain MONAI, PersistentDataset, volpre cold and warm",
@@ -640,16 +670,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, e.g. preprocess.spacing=[2,2,2]")
     q.set_defaults(run=_cmd_bench_data)
     q = bsub.add_parser("step", help="steady-state pretraining step: data wait, host-to-device, forward, backward, "
-                        "optimizer", description="Time the phases of pretraining steps with the run's model, "
-                        "optimizer and crop stream on a warm cache; print each phase's share and samples/s.")
+                        "optimizer; FLOPs, peak memory; optionally against the MONAI Swin-SSL recipe",
+                        description="Time the phases of pretraining steps with the trainer's own step, model, "
+                        "optimizer and crop stream on a warm cache; print each phase's share, samples/s, FLOPs per "
+                        "sample and peak device memory. --reference monai-swin-ssl also times the step of MONAI's "
+                        "Swin-UNETR self-supervised recipe (rotation, contrastive and reconstruction heads) at the "
+                        "same crop, batch and precision, and prints the ratio.")
     q.add_argument("--config", required=True, help="shipped config name or a YAML path")
     q.add_argument("--manifest", type=Path, help="default: the demo data (4 subjects), written to a temporary folder")
     q.add_argument("--steps", type=int, default=20, help="measured steps (default: 20)")
     q.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default: 3)")
     q.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    q.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast precision (train.amp; default: the "
+                   "config's)")
+    q.add_argument("--compile", action="store_true", help="torch.compile the step (train.compile=true)")
+    q.add_argument("--reference", choices=["monai-swin-ssl"], help="also time this reference recipe's step; its "
+                   "Swin needs crops with a side of 64+ and equal last two sides")
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_workers=2")
     q.set_defaults(run=_cmd_bench_step)
+    q = bsub.add_parser("gpu", help="GPU acceptance: every full-size config for a few steps, fp16, compile, "
+                        "gradient checkpointing, the reference recipe, torchrun; one JSON",
+                        description="Run each acceptance case in its own process (bench step of every shipped "
+                        "full-size config at its real crop size in bf16; resnet-dae in fp16; swin-dae compiled, "
+                        "with gradient checkpointing and against monai-swin-ssl; volpre pretrain under torchrun) "
+                        "and write OUT/gpu_acceptance.json with samples/s, peak memory, first and last loss, FLOPs "
+                        "and model FLOP utilisation, and each failure's traceback. Exit 1 if any case failed.")
+    q.add_argument("--out", type=Path, required=True, help="folder for the JSON, the cases' logs and the demo data")
+    q.add_argument("--steps", type=int, default=30, help="measured steps per case (default: 30)")
+    q.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default: 3)")
+    q.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default: cuda (cpu: a smoke run)")
+    q.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="precision of the cases "
+                   "(default: bf16; the fp16 case is always fp16)")
+    q.add_argument("--configs", help="comma-separated configs to run (default: every shipped full-size config)")
+    q.add_argument("--swin", default="swin-dae", help="config of the compile, checkpointing and reference cases")
+    q.add_argument("--resnet", default="resnet-dae", help="config of the fp16 and torchrun cases")
+    q.add_argument("--nnunet-plans", type=Path, help="an nnU-Net plans file: adds the nnunet configs")
+    q.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: by device name)")
+    q.add_argument("--skip", action="append", default=[], metavar="WORD",
+                   help="skip the cases whose name contains WORD (repeatable), e.g. --skip compile")
+    q.set_defaults(run=_cmd_bench_gpu)
     q = bsub.add_parser("ct-volumes", help="write CT volumes of realistic size for `bench data` (deterministic)",
                         description="Resample the demo CT phantoms to SHAPE voxels of SPACING mm, add 12 HU of "
                         "noise and write int16 .nii.gz files and OUT/manifest.json (ENTRIES entries cycling over "

@@ -32,7 +32,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from volpre.engine.trainer import pretrain
 from volpre.evaluate.probe import compare_with_random_init, probe_table
 from volpre.export import export_bundle
 from volpre.files import atomic_write_text
+from volpre.processes import CommandTimeout, run_logged
 from volpre.survival.interval import METHOD as CINDEX_INTERVAL_METHOD
 from volpre.survival.interval import bootstrap_concordance
 
@@ -136,18 +136,14 @@ def _run_bundle(bundle: Path, configs: list[str], overrides: dict[str, str], log
            "--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle)]
     for key, value in overrides.items():
         cmd += [f"--{key}", value]
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n\n")
-        f.flush()
-        try:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=_bundle_env(),
-                                  timeout=BUNDLE_RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise DemoError(f"bundle run did not finish within {BUNDLE_RUN_TIMEOUT_S} s and was killed; "
-                            f"log: {log}") from None
-    if proc.returncode != 0:
+    try:
+        returncode = run_logged(cmd, log, BUNDLE_RUN_TIMEOUT_S, cwd=cwd, env=_bundle_env())
+    except CommandTimeout:
+        raise DemoError(f"bundle run did not finish within {BUNDLE_RUN_TIMEOUT_S} s and was killed; "
+                        f"log: {log}") from None
+    if returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise DemoError(f"bundle run failed (exit {proc.returncode}); log: {log}\n{tail}")
+        raise DemoError(f"bundle run failed (exit {returncode}); log: {log}\n{tail}")
 
 
 def segmentation_scores(eval_dir: Path) -> dict[str, Any]:

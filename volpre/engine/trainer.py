@@ -80,6 +80,10 @@ RESUME_SAFE_KEYS = (
 """Config keys that may change when resuming; any other change would break exact resume."""
 
 
+def _no_mark(_phase: str) -> None:
+    """The training step's phase clock when nobody times it."""
+
+
 class DivergenceError(RuntimeError):
     """The loss, the gradient norm or the weights became NaN or infinite: the run stopped unsaved."""
 
@@ -439,7 +443,8 @@ class Pretraining:
 
     # ------------------------------------------------------------------ data
 
-    def _batches(self) -> StepBatches:
+    def step_batches(self) -> StepBatches:
+        """The run's crop stream, from this step on: per step, ``grad_accum`` micro-batches on the device."""
         cfg, ctx = self.cfg, self.ctx
         bad_log = BadEntryLog(self.output / "bad_entries.jsonl")
         # preprocessed once per volume into the node's shared cache (built on first use), crops read from it
@@ -453,7 +458,15 @@ class Pretraining:
 
     # ------------------------------------------------------------------ step
 
-    def _train_step(self, micro_batches: list[dict]) -> dict[str, Any]:
+    def train_step(self, micro_batches: list[dict], mark: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """One optimiser step over ``grad_accum`` micro-batches already on the device.
+
+        ``mark`` (``volpre bench step``'s clock) is called with the name of each phase as it ends:
+        ``"forward"`` (the draws and the forward of a micro-batch), ``"backward"`` (its backward),
+        then once ``"optimizer"`` (clipping, the optimiser and scheduler steps, EMA). Returns
+        ``{"values": {name: 0-dim tensor}, "lr": float, "images": {name: tensor}}``.
+        """
+        mark = mark or _no_mark
         t = self.cfg.train
         self.model.train()
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
@@ -468,7 +481,9 @@ class Pretraining:
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.autocast(self.ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = self.model(batch, draws)
+                mark("forward")
                 self.scaler.scale(out.loss / n).backward()
+                mark("backward")
             loss = out.loss.detach().float()
             loss_sum = loss if loss_sum is None else loss_sum + loss
             for k, v in out.parts.items():
@@ -486,6 +501,7 @@ class Pretraining:
         self.scheduler.step()
         if self.ema is not None:  # updated once per step, so the first update is step 0's
             update_ema(self.ema, self.module, t.ema_decay, first=self.step == 0)
+        mark("optimizer")
         self.step += 1
         values = {"loss": loss_sum / n, **{f"loss.{k}": v / n for k, v in parts_sum.items()}}
         if grad_norm is not None:
@@ -558,12 +574,12 @@ class Pretraining:
             logger = RunLogger(self.output, purge_step=self.step)  # drops what was logged after the checkpoint
             if self.data_event is not None:
                 logger.add_event(self.data_event)
-        batches = self._batches()
+        batches = self.step_batches()
         window = {"start": time.perf_counter(), "wait": 0.0, "steps": 0}
         checkpoint_window: list[torch.Tensor] = []
         samples_per_step = self.items_per_step * cfg.data.crops_per_volume * ctx.world_size
 
-        engine = Engine(lambda _engine, group: self._train_step(group))
+        engine = Engine(lambda _engine, group: self.train_step(group))
         # Ignite logs every exception leaving the run twice at ERROR; it leaves engine.run and the command
         # reports it once (one line for a user's error, a traceback for a bug)
         engine.logger = logging.getLogger(f"{__name__}.ignite")
