@@ -22,6 +22,7 @@ def test_defaults_validate():
         ({"train": {"compile": "yes"}}, r"train\.compile: got 'yes', expected bool"),
         ({"preprocess": {"ct_window": [100, -100]}}, r"preprocess\.ct_window must be \[low, high\]"),
         ({"data": "x"}, r"data: expected a mapping of keys"),
+        ({"train": {"channels_last": True}}, r"train\.channels_last does not help model\.encoder swin: SwinViT"),
     ],
 )
 def test_bad_values_are_named(values, message):

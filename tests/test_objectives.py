@@ -845,3 +845,30 @@ def test_a_few_adam_steps_on_one_batch_lower_the_loss(encoder, objective, roi):
         draw_and_forward(pretrainer, batch, generator).loss.backward()
         optimizer.step()
     assert evaluation_loss() < 0.75 * before
+
+
+@pytest.mark.parametrize("objective, roi, options, dtype, tolerance", [
+    ("dae", (32, 32, 32), {"dae": {"disruptions": ["noise", "downsample", "blur", "local_mask"], "cmcl_weight": 0.0}},
+     torch.float32, 1e-3),  # the DAE's disruptions run in float32 by design
+    # float64: in float32 the other summation order of channels_last kernels moves SparK's masked BatchNorm
+    # gradients by up to 2% of a small gradient's norm, too much for a tolerance that would catch a bug
+    ("mvm", (64, 32, 32), {}, torch.float64, 1e-9),
+])
+def test_channels_last_multi_channel_batches_give_the_contiguous_loss_and_gradients(objective, roi, options, dtype,
+                                                                                    tolerance):
+    # MONAI's apply_filter (the blur) views its input: a channels_last batch once crashed there
+    from volpre.engine.batches import to_device
+
+    cfg = _run_cfg("resnet", objective, roi=roi, in_channels=2, **options)
+    torch.manual_seed(0)
+    contiguous = build_pretrainer(cfg).to(dtype)
+    channels_last = copy.deepcopy(contiguous).to(memory_format=torch.channels_last_3d)
+    batch = {"image": _volume(2, 2, roi).to(dtype)}
+    expected = draw_and_forward(contiguous, batch, _gen(3))
+    out = draw_and_forward(channels_last, to_device(batch, torch.device("cpu"), channels_last=True), _gen(3))
+    assert torch.allclose(out.loss, expected.loss, rtol=tolerance, atol=0)
+    expected.loss.backward()
+    out.loss.backward()
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+             for m in (contiguous, channels_last)]
+    assert (grads[1] - grads[0]).norm() <= tolerance * grads[0].norm()  # the whole gradient, as the optimiser sees it

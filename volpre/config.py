@@ -441,7 +441,11 @@ class TrainConfig:
     amp: Literal["none", "bf16", "fp16"] = "bf16"
     """Autocast dtype; ``fp16`` adds a GradScaler. On the CPU only ``none``/``bf16`` make sense."""
     compile: bool = False
+    """``torch.compile`` the pretrainer (the step's random draws stay outside it; no graph breaks)."""
     channels_last: bool = False
+    """Batches and weights in ``channels_last_3d`` memory format, for the convolutions of the ``resnet`` and
+    ``nnunet`` encoders on CUDA; refused for ``swin`` (its tokens are permuted from the patch embedding on, and
+    MONAI's SwinViT makes its input contiguous: the format would only add copies)."""
     ema_decay: float = 0.0
     """Exponential moving average of the weights (0 disables; e.g. 0.999)."""
     sync_batchnorm: bool = True
@@ -525,6 +529,10 @@ class RunConfig:
                 check()
         if self.train.best_by == "probe" and self.probe.manifest is None:
             raise ConfigError("train.best_by 'probe' needs a probe: set probe.manifest to a labelled manifest")
+        if self.train.channels_last and self.model.encoder == "swin":
+            raise ConfigError("train.channels_last does not help model.encoder swin: SwinViT permutes its patch "
+                              "embedding to tokens and MONAI makes its input contiguous, so the format only adds "
+                              "copies; use it with the resnet or nnunet encoders")
         if self.model.encoder == "nnunet":
             # crop size and mask cells depend on the plan: volpre.data.nnunet_plan.resolve_run_config checks them
             return

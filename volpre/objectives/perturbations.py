@@ -94,7 +94,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> tor
         padding = [0] * 6
         padding[2 * (2 - axis)] = padding[2 * (2 - axis) + 1] = tail  # F.pad lists the last axis first
         padded = F.pad(out, padding, mode="replicate")
-        out = apply_filter(padded, kernels.view(kernel_shape), padding=0)
+        # apply_filter views (B, C, ...) as (1, B*C, ...): a channels_last tensor cannot be viewed so
+        out = apply_filter(padded.contiguous(), kernels.view(kernel_shape), padding=0)
     return out
 
 
