@@ -357,3 +357,110 @@ def test_inference_writes_label_maps_and_evaluate_scores_the_test_split(bundles,
     assert sorted(row[0] for row in rows) == sorted(str(e.image[0]) for e in train)
     assert all(len(row) == 2 and float(row[1]) == float(row[1]) for row in rows)
     assert (survival / "eval" / "metrics.csv").read_text().startswith("val_cindex")
+
+
+# ----------------------------------------------------------------------------- the MONAI model zoo's CI
+
+
+ZOO_TORCHSCRIPT_EXEMPT = {"swinunetr"}
+"""Bundles the zoo's TorchScript check would skip: its own SwinUNETR bundle (swin_unetr_btcv_segmentation) is on
+ci/bundle_custom_data.py's exclude_verify_torchscript_list; ours cannot be scripted either (traced instead)."""
+
+
+@pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
+@pytest.mark.parametrize("name", ["flexibleunet", "swinunetr"])
+def test_model_zoo_ci_checks_pass_for_a_fine_tuned_bundle(name, bundles, trained, manifest, elsewhere, tmp_path,
+                                                          monkeypatch):
+    """What the model zoo's ``ci/verify_bundle.py`` checks in full mode, in its order, on a copy of a fine-tuned
+    bundle: the necessary and preferred files, version and changelog, the metadata against MONAI's schema (as
+    ``eval/schema.json``), the inference workflow's properties (meta and inference; the zoo checks them only for
+    bundles whose metadata names supported_apps, which ours does not, and without data: here with a manifest,
+    which every volpre bundle needs), ``verify_net_in_out`` on the inference config, and TorchScript by
+    ``ckpt_export`` (scripting, the zoo's default) unless exempt."""
+    from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+    from monai.bundle.properties import InferProperties, MetaProperties
+
+    trained(name)
+    bundle = tmp_path / name
+    shutil.copytree(bundles[name], bundle)
+    monkeypatch.chdir(elsewhere)
+    for necessary in ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"):
+        assert (bundle / necessary).is_file(), necessary
+    meta = json.loads((bundle / "configs/metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    (bundle / "eval").mkdir(exist_ok=True)
+    verify_metadata(meta_file=str(bundle / "configs/metadata.json"),
+                    filepath=str(copy_meta_schema(bundle / "eval" / "schema.json")))
+    assert "supported_apps" not in meta
+    workflow = create_workflow(workflow_type="inference", bundle_root=str(bundle),
+                               config_file=str(bundle / "configs/inference.json"),
+                               meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                               manifest=str(manifest), num_workers=0)
+    workflow.properties = {**MetaProperties, **InferProperties}
+    assert workflow.check_properties() in (None, [])
+    common = {"meta_file": str(bundle / "configs/metadata.json"), "config_file": str(bundle / "configs/inference.json"),
+              "bundle_root": str(bundle)}
+    verify_net_in_out(net_id="network_def", device="cpu", **common)
+    if name in ZOO_TORCHSCRIPT_EXEMPT:
+        assert "SwinUNETR cannot be scripted: the zoo exempts" in (bundle / "docs" / "README.md").read_text()
+        return
+    ckpt_export(net_id="network_def", filepath=str(bundle / "models/verify_model.ts"),
+                ckpt_file=str(bundle / "models/model.pt"), **common)
+    scripted = torch.jit.load(str(bundle / "models/verify_model.ts"))
+    network = parsed_network(bundle, "inference.json", bundle_root=str(bundle)).eval()
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), network(x), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the Hugging Face Hub, offline
+
+
+@pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")
+def test_hugging_face_hub_layout_push_and_load_offline(bundles, trained, manifest, tmp_path, monkeypatch):
+    """The documented commands, without a network: ``push_to_hf_hub`` uploads the bundle folder itself as the
+    repository's root (recorded through a stand-in for ``HfApi``), and ``monai.bundle.load`` with
+    ``source="huggingface_hub"`` from a folder in that layout (what ``download`` writes: BUNDLE_DIR/NAME holding
+    the repository's files) builds the inference network with the fine-tuned weights and downloads nothing."""
+    import huggingface_hub
+    from monai.bundle import load, push_to_hf_hub
+
+    trained("flexibleunet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+            return f"https://huggingface.co/{kwargs['repo_id']}"
+
+        def create_tag(self, **kwargs):
+            calls.append(("create_tag", kwargs))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    bundle = bundles["flexibleunet"]
+    push_to_hf_hub(repo="radiology-lab/liver-flexibleunet", name=bundle.name, bundle_dir=str(bundle.parent),
+                   version="0.1.0", private=True)
+    uploads = [kwargs for call, kwargs in calls if call == "upload_folder"]
+    assert [u["folder_path"] for u in uploads] == [str(bundle)]
+    assert ("create_tag", {"repo_id": "radiology-lab/liver-flexibleunet", "tag": "0.1.0", "exist_ok": True}) in calls
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("load tried to download")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    hub = tmp_path / "hub"
+    shutil.copytree(bundle, hub / "liver-flexibleunet", ignore=shutil.ignore_patterns("eval", "*.ts"))
+    # network_def reads the fine-tuned weights itself (strictly) from bundle_root, "." in the configs: name them
+    network = load(name="liver-flexibleunet", bundle_dir=str(hub), source="huggingface_hub",
+                   repo="radiology-lab/liver-flexibleunet", workflow_type="inference", device="cpu",
+                   net_override={"checkpoint": str(hub / "liver-flexibleunet" / "models" / "model.pt")})
+    fine_tuned = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    state = network.state_dict()
+    assert set(state) == set(fine_tuned) and all(torch.equal(state[k], v) for k, v in fine_tuned.items())
