@@ -464,3 +464,20 @@ def test_hugging_face_hub_layout_push_and_load_offline(bundles, trained, manifes
     fine_tuned = torch.load(bundle / "models" / "model.pt", weights_only=True)
     state = network.state_dict()
     assert set(state) == set(fine_tuned) and all(torch.equal(state[k], v) for k, v in fine_tuned.items())
+
+
+ZOO_README_SECTIONS = ("Authors", "Tags", "Model Description", "Data", "Preprocessing", "Performance",
+                       "Additional Usage Steps", "System Configuration", "Limitations", "Citation Info", "References")
+"""The bold headings of the model zoo's docs/readme_template.md, in its order (its optional ones included)."""
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_docs_follow_the_model_zoo_readme_template(name, bundles):
+    text = (bundles[name] / "docs" / "README.md").read_text()
+    headings = re.findall(r"^#{2,4} \*\*(.+?)\*\*\s*$", text, flags=re.M)
+    assert [h for h in headings if h in ZOO_README_SECTIONS] == list(ZOO_README_SECTIONS)
+    assert "$" + "{" not in text  # every template field was filled
+    references = text.split("## **References**", 1)[1]
+    assert "Disruptive Autoencoders" in references  # both checkpoints are DAE runs
+    assert ("Cox D. R." if name == "survivalnet" else "Swin UNETR") in references  # the metadata's references
+    assert "self-supervised pretraining (dae)" in text.split("### **Tags**", 1)[1].split("##", 1)[0]

@@ -341,7 +341,7 @@ def _write_bundle(work_dir: Path, pretrained: PretrainedEncoder, task: str, name
     metadata = fill_metadata(json.loads((task_dir / "metadata.json").read_text()), pretrained, name, modality, roi,
                              out_channels, provenance, window)
     _write_json(metadata, work_dir / "configs" / "metadata.json")
-    readme = _render_readme(root / task / "docs" / "README.md", pretrained, provenance, name, metadata,
+    readme = _render_readme(root / task / "docs" / "README.md", task, pretrained, provenance, name, metadata,
                             {**values, "roi_note": roi_note})
     (work_dir / "docs" / "README.md").write_text(readme)
 
@@ -363,14 +363,49 @@ def _weights_origin(pretrained: PretrainedEncoder, provenance: Provenance) -> st
             "versions below are not known)")
 
 
-def _render_readme(template_path: Path, pretrained: PretrainedEncoder, provenance: Provenance, network: str,
-                   metadata: dict[str, Any], values: dict[str, Any]) -> str:
+PAPERS = {
+    "dae": "Valanarasu J. M. J., Tang Y., Yang D., Xu Z., Zhao C., Li W., Patel V. M., Landman B., Xu D., He Y., "
+           "Nath V. Disruptive Autoencoders: Leveraging Low-level Features for 3D Medical Image Pre-training. 2023. "
+           "https://arxiv.org/abs/2307.16896",
+    "simmim": "Xie Z. et al. SimMIM: A Simple Framework for Masked Image Modeling. CVPR 2022. "
+              "https://arxiv.org/abs/2111.09886",
+    "spark": "Tian K. et al. Designing BERT for Convolutional Networks: Sparse and Hierarchical Masked Modeling. "
+             "ICLR 2023. https://arxiv.org/abs/2301.03580",
+    "simclr": "Chen T., Kornblith S., Norouzi M., Hinton G. A Simple Framework for Contrastive Learning of Visual "
+              "Representations. ICML 2020. https://arxiv.org/abs/2002.05709",
+    "micle": "Azizi S. et al. Big Self-Supervised Models Advance Medical Image Classification. ICCV 2021. "
+             "https://arxiv.org/abs/2101.05224",
+}
+"""The paper each pretraining objective follows (``mvm``: SimMIM for Swin, SparK for the CNN encoders)."""
+
+
+def objective_paper(objective: str, encoder: str) -> str:
+    """The citation of the paper ``objective`` (a config's ``objective.name``) follows for ``encoder``."""
+    if objective == "mvm":
+        return PAPERS["simmim" if encoder == "swin" else "spark"]
+    return PAPERS[objective]
+
+
+def _render_readme(template_path: Path, task: str, pretrained: PretrainedEncoder, provenance: Provenance,
+                   network: str, metadata: dict[str, Any], values: dict[str, Any]) -> str:
     """The bundle's docs: file names and digests for provenance; BUNDLE and MANIFEST placeholders in commands."""
     cfg = pretrained.config
     model = cfg.to_dict()["model"]
     encoder_config = {"encoder": model["encoder"], "in_channels": model["in_channels"],
                       model["encoder"]: model[model["encoder"]]}
+    objective = cfg.objective.name if pretrained.pretrained_by_volpre else None
+    citation = (f"The pretraining objective, `{objective}`, follows: {objective_paper(objective, cfg.model.encoder)}"
+                if objective else "The encoder weights were not pretrained by volpre: cite their source.")
+    references = list(metadata.get("references", []))
+    if objective:
+        references.append(objective_paper(objective, cfg.model.encoder))
+    tags = [task, values["modality"], network, f"{cfg.model.encoder} encoder",
+            f"self-supervised pretraining ({objective})" if objective else "public encoder weights", "volpre"]
     fields = {
+        "authors": metadata.get("authors", "not recorded"),
+        "tags": ", ".join(tags),
+        "citation": citation,
+        "references": "\n".join(f"- {reference}" for reference in references),
         "network": network,
         "encoder": cfg.model.encoder,
         "weights_origin": _weights_origin(pretrained, provenance),
