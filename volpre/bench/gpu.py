@@ -169,7 +169,8 @@ def _with_utilisation(arm: dict, peak_tflops: float | None) -> dict:
 
 def _summary(result: dict) -> str:
     if not result["ok"]:
-        return (result.get("error") or "").strip().splitlines()[-1:][0] if result.get("error") else "failed"
+        lines = (result.get("error") or "").strip().splitlines()
+        return lines[-1] if lines else "failed"
     if "arms" not in result:
         return f"loss {result['loss_first']:.3f} -> {result['loss_last']:.3f}, checkpoint written"
     parts = []
