@@ -31,14 +31,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_grandchildren(tmp_path):
               f"open({str(pid_file)!r}, 'w').write(str(p.pid)); p.wait()")
     with pytest.raises(AssertionError, match="ran past 3 s and was killed"):
         run_command([sys.executable, "-c", script], timeout=3)
-    grandchild = int(pid_file.read_text())
-    for _ in range(50):
-        if not _running(grandchild):
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(grandchild, 9)
-        pytest.fail("the grandchild survived the timeout")
+    _assert_gone(int(pid_file.read_text()), "the grandchild survived the timeout")
 
 
 def test_a_command_past_its_timeout_may_stop_children_of_its_own_sessions_first(tmp_path):
@@ -53,14 +46,17 @@ def test_a_command_past_its_timeout_may_stop_children_of_its_own_sessions_first(
     with pytest.raises(AssertionError, match="ran past 3 s and was killed"):
         run_command([sys.executable, "-c", script], timeout=3)
     assert time.monotonic() - start < 40
-    worker = int(pid_file.read_text())
+    _assert_gone(int(pid_file.read_text()), "the worker in its own session survived the timeout")
+
+
+def _assert_gone(pid: int, message: str) -> None:
+    """Fail with ``message`` (killing ``pid``) unless it ends within 5 s."""
     for _ in range(50):
-        if not _running(worker):
-            break
+        if not _running(pid):
+            return
         time.sleep(0.1)
-    else:
-        os.kill(worker, 9)
-        pytest.fail("the worker in its own session survived the timeout")
+    os.kill(pid, 9)
+    pytest.fail(message)
 
 
 def _running(pid: int) -> bool:
@@ -88,12 +84,5 @@ def test_volpre_run_logged_kills_a_command_and_its_group_past_the_timeout(tmp_pa
     with pytest.raises(processes.CommandTimeout, match=r"did not finish within 3 s and was killed; log: .*log.txt"):
         processes.run_logged([sys.executable, "-c", script], log, timeout_s=3)
     assert "started" in log.read_text() and log.read_text().startswith(sys.executable)
-    grandchild = int(pid_file.read_text())
-    for _ in range(50):
-        if not _running(grandchild):
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(grandchild, 9)
-        pytest.fail("the grandchild survived the timeout")
+    _assert_gone(int(pid_file.read_text()), "the grandchild survived the timeout")
     assert processes.run_logged([sys.executable, "-c", "import sys; sys.exit(3)"], log, timeout_s=60) == 3

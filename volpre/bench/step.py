@@ -121,29 +121,18 @@ def _warm_cache(run: Pretraining, say: Callable[[str], None]) -> None:
 
 
 def _measure_volpre(run: Pretraining, steps: int, warmup: int, say: Callable[[str], None]) -> dict:
-    device = run.ctx.device
     batches = run.step_batches()
-    group = next(batches)
-    flops = _count_flops(lambda: _volpre_loss(run, group[0]))
+    first = next(batches)
+    flops = _count_flops(lambda: _volpre_loss(run, first[0]))
     run.module.zero_grad(set_to_none=True)
-    clock = PhaseClock(device)
-    say(f"volpre: timing {steps} steps after {warmup} warm-up steps on {device} ...")
-    losses, samples = [], 0
-    for step in range(warmup + steps):
-        if step == warmup:
-            _reset_peak_memory(device)
-        clock.recording = step >= warmup
-        clock.start()
-        if step > 0:  # the first group was read above, for the FLOP count
-            group = next(batches)
-        clock.mark("data_wait", synchronize=False)
-        clock.mark("host_to_device")
-        out = run.train_step(group, mark=clock.mark)
-        if clock.recording:
-            samples += sum(int(b["image"].shape[0]) for b in group)
-            losses.append(out["values"]["loss"])
-    del batches
-    return _arm(clock, steps, samples, flops / int(group[0]["image"].shape[0]), device,
+
+    def step(group: list[dict], mark: Callable[[str], None]) -> list[tuple[int, torch.Tensor]]:
+        out = run.train_step(group, mark=mark)
+        return [(sum(int(b["image"].shape[0]) for b in group), out["values"]["loss"])]
+
+    say(f"volpre: timing {steps} steps after {warmup} warm-up steps on {run.ctx.device} ...")
+    clock, samples, losses = _timed_steps(run.ctx.device, batches, first, steps, warmup, step)
+    return _arm(clock, steps, samples, flops / int(first[0]["image"].shape[0]), run.ctx.device,
                 sum(p.numel() for p in run.module.parameters()), losses)
 
 
@@ -161,29 +150,41 @@ def _measure_reference(run: Pretraining, steps: int, warmup: int, say: Callable[
     ref = ReferenceStep(cfg.model.in_channels, cfg.model.swin.feature_size, t.lr, t.weight_decay, t.amp, device,
                         use_checkpoint=cfg.model.swin.use_checkpoint, compile_model=t.compile, seed=t.seed)
     batches = run.step_batches()
-    image = next(batches)[0]["image"]
+    first = next(batches)
+    image = first[0]["image"]
     flops = _count_flops(lambda: reference_loss(ref.module, image, torch.Generator().manual_seed(0),
                                                 torch.Generator(device=device).manual_seed(0)))
     ref.module.zero_grad(set_to_none=True)
-    clock = PhaseClock(device)
+
+    def step(group: list[dict], mark: Callable[[str], None]) -> list[tuple[int, torch.Tensor]]:
+        # one optimiser step per micro-batch: the recipe has no accumulation
+        return [(int(b["image"].shape[0]), ref.step(b["image"], mark)) for b in group]
+
     say(f"{REFERENCE_NAME}: timing {steps} steps after {warmup} warm-up steps on {device} ...")
+    clock, samples, losses = _timed_steps(device, batches, first, steps, warmup, step)
+    return _arm(clock, steps * len(first), samples, flops / int(image.shape[0]), device,
+                sum(p.numel() for p in ref.module.parameters()), losses)
+
+
+def _timed_steps(device: torch.device, batches, first: list[dict], steps: int, warmup: int,
+                 step: Callable) -> tuple[PhaseClock, int, list[torch.Tensor]]:
+    """Run ``warmup + steps`` steps (``step(group, mark) -> [(samples, loss)]``), the first on ``first``; time
+    the measured ones phase by phase. Returns the clock, the measured samples and losses."""
+    clock = PhaseClock(device)
     losses, samples = [], 0
-    for step in range(warmup + steps):
-        if step == warmup:
+    for index in range(warmup + steps):
+        if index == warmup:
             _reset_peak_memory(device)
-        clock.recording = step >= warmup
+        clock.recording = index >= warmup
         clock.start()
-        group = next(batches)
+        group = first if index == 0 else next(batches)
         clock.mark("data_wait", synchronize=False)
         clock.mark("host_to_device")
-        for batch in group:  # one optimiser step per micro-batch: the recipe has no accumulation
-            loss = ref.step(batch["image"], clock.mark)
+        for n, loss in step(group, clock.mark):
             if clock.recording:
-                samples += int(batch["image"].shape[0])
+                samples += n
                 losses.append(loss)
-    del batches
-    return _arm(clock, steps * len(group), samples, flops / int(image.shape[0]), device,
-                sum(p.numel() for p in ref.module.parameters()), losses)
+    return clock, samples, losses
 
 
 def _count_flops(loss_fn: Callable[[], torch.Tensor]) -> float:
