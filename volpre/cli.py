@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from volpre import __version__
+from volpre.errors import UserInputError
 
 
-class UserError(Exception):
+class UserError(UserInputError):
     """A problem with the user's input: printed as one line, exit status 2, no traceback."""
 
 
@@ -724,28 +725,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: reported in one line, without a traceback."""
-    from volpre.config import ConfigError
-    from volpre.data.errors import VolumeError
-    from volpre.data.manifest import ManifestError
-
-    types: list[type[BaseException]] = [UserError, ConfigError, ManifestError, VolumeError, FileNotFoundError]
-    if "volpre.data.cache" in sys.modules:  # imported by the commands that can raise it
-        types.append(sys.modules["volpre.data.cache"].CacheError)
-    if "volpre.bench.data" in sys.modules:
-        types.append(sys.modules["volpre.bench.data"].BenchError)
-    if "volpre.engine.checkpoint" in sys.modules:  # imported by the commands that can raise it
-        types.append(sys.modules["volpre.engine.checkpoint"].CheckpointError)
-    if "volpre.engine.trainer" in sys.modules:
-        types.append(sys.modules["volpre.engine.trainer"].DivergenceError)
-    if "volpre.export.weights" in sys.modules:
-        types.append(sys.modules["volpre.export.weights"].WeightsError)
-    if "volpre.models.init_weights" in sys.modules:
-        types.append(sys.modules["volpre.models.init_weights"].InitWeightsError)
-    return tuple(types)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -759,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except Exception as error:
-        if not isinstance(error, _user_error_types()):
+        if not isinstance(error, (UserInputError, FileNotFoundError)):  # the user's input: one line (volpre.errors)
             raise
         from volpre.text import printable_lines
 

@@ -34,10 +34,12 @@ from typing import Any, Literal
 
 import yaml
 
+from volpre.errors import UserInputError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A config key is unknown or holds a value outside what is allowed."""
 
 

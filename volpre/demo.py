@@ -48,6 +48,7 @@ from volpre.data.index import index_paths
 from volpre.data.manifest import TEST, load_manifest
 from volpre.data.synthetic import CT_LABELS, write_demo_data
 from volpre.engine.trainer import pretrain
+from volpre.errors import VolpreError
 from volpre.evaluate.probe import compare_with_random_init, probe_table
 from volpre.export import export_bundle
 from volpre.files import atomic_write_text
@@ -92,7 +93,7 @@ BUNDLE_RUN_TIMEOUT_S = 3600
 past this it is hung."""
 
 
-class DemoError(RuntimeError):
+class DemoError(VolpreError, RuntimeError):
     """A step of the demo failed; the message names the step and where its log is."""
 
 

@@ -9,8 +9,10 @@ import signal
 import subprocess
 from pathlib import Path
 
+from volpre.errors import VolpreError
 
-class CommandTimeout(RuntimeError):
+
+class CommandTimeout(VolpreError, RuntimeError):
     """The command ran past its time limit; it and its process group were killed."""
 
 

@@ -55,6 +55,7 @@ from volpre.config import DataConfig, PreprocessConfig, RunConfig
 from volpre.data.cache import CachedCrops, VolumeCache, build_cache, entries_to_cache
 from volpre.data.dataset import PretrainDataset, VolumeGroups, crop_loader
 from volpre.data.manifest import ManifestEntry, load_manifest
+from volpre.errors import UserInputError
 from volpre.text import printable
 from volpre.versions import installed_versions
 
@@ -63,7 +64,7 @@ PIPELINES = ("reference", "persistent", "volpre_cold", "volpre_warm")
 DEFAULT_MIN_SECONDS = 3.0
 
 
-class BenchError(ValueError):
+class BenchError(UserInputError, ValueError):
     """The benchmark cannot run on the given manifest or options."""
 
 

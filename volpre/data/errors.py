@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from volpre.errors import UserInputError
 from volpre.text import printable
 
 ERROR_KINDS: tuple[str, ...] = (
@@ -33,7 +34,7 @@ ERROR_KINDS: tuple[str, ...] = (
 """Every allowed ``VolumeError.kind``; extend this tuple to add a category."""
 
 
-class VolumeError(ValueError):
+class VolumeError(UserInputError, ValueError):
     """A volume that cannot be used, with the file, a category and a reason.
 
     Args:
@@ -76,7 +77,7 @@ class EntryProblem:
         return ": ".join(printable(part) for part in (self.entry_id, self.path, self.kind, self.reason))
 
 
-class CacheError(OSError):
+class CacheError(UserInputError, OSError):
     """The preprocessed cache cannot be created or written (a full disk, a quota, a read-only
     filesystem, no permission). Never a property of a source volume: it stops ``volpre cache``
     and ``volpre pretrain`` instead of marking entries bad."""

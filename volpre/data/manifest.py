@@ -32,6 +32,7 @@ from typing import Any, Iterable, Sequence
 import jsonschema
 
 from volpre import __version__
+from volpre.errors import UserInputError
 from volpre.files import atomic_write_text
 
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
@@ -51,7 +52,7 @@ MODALITY_SOURCES: dict[str, str] = {
 """Values of an entry's ``modality_source`` -> what decided its modality (see :mod:`volpre.data.modality`)."""
 
 
-class ManifestError(ValueError):
+class ManifestError(UserInputError, ValueError):
     """A manifest file is missing, not JSON, or does not follow the schema."""
 
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from volpre.errors import UserInputError
 from volpre.files import describe_write_error, remove_stale_temporaries, temporary_path
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ CHECKSUM_KEY = "checksum"
 REQUIRED_KEYS = ("model", "config", "versions", "step")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserInputError, RuntimeError):
     """A checkpoint is missing, unreadable, damaged, or does not fit the run that loads it."""
 
 

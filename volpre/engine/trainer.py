@@ -63,6 +63,7 @@ from volpre.engine.distributed import DistContext, setup_distributed, sync_batch
 from volpre.engine.ema import build_ema, update_ema
 from volpre.engine.logging import RunLogger
 from volpre.engine.provenance import RunData, compare, describe_splits
+from volpre.errors import UserInputError
 from volpre.objectives import build_items, build_pretrainer, check_items_fit_objective
 from volpre.versions import installed_versions
 
@@ -84,7 +85,7 @@ def _no_mark(_phase: str) -> None:
     """The training step's phase clock when nobody times it."""
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(UserInputError, RuntimeError):
     """The loss, the gradient norm or the weights became NaN or infinite: the run stopped unsaved."""
 
 

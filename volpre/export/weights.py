@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from volpre.engine.checkpoint import read_torch_file
+from volpre.errors import UserInputError
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserInputError, RuntimeError):
     """A weight file cannot be read, or its tensors do not fit the network that loads them."""
 
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from volpre.errors import UserInputError
+
 INIT_FORMATS = ("auto", "monai-swin-ssl", "medicalnet", "volpre", "bundle")
 """``--init-format`` choices."""
 
@@ -45,7 +47,7 @@ SWIN_SSL_REFUSAL = (
 )
 
 
-class InitWeightsError(ValueError):
+class InitWeightsError(UserInputError, ValueError):
     """An ``--init`` file cannot be used: unreadable, of an unknown or refused layout."""
 
 
