@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from volpre.bench.data import BenchError
+from volpre.bench.step import BenchInputError
 from volpre.cli import UserError, main
 from volpre.config import ConfigError
 from volpre.data.errors import CacheError, VolumeError
@@ -22,7 +23,7 @@ from volpre.processes import CommandTimeout
 
 @pytest.mark.parametrize("error, builtin", [
     (ConfigError, ValueError), (ManifestError, ValueError), (VolumeError, ValueError), (CacheError, OSError),
-    (BenchError, ValueError), (CheckpointError, RuntimeError), (DivergenceError, RuntimeError),
+    (BenchError, ValueError), (BenchInputError, ValueError), (CheckpointError, RuntimeError), (DivergenceError, RuntimeError),
     (WeightsError, RuntimeError), (InitWeightsError, ValueError), (EvaluationError, ValueError),
     (UserError, Exception),
 ])

@@ -12,8 +12,8 @@ The recipe, as its ``main.py``, ``models/ssl_head.py``, ``losses/loss.py`` and `
   ``Linear(dim, 512)`` contrastive head, and the whole map a "vae" decoder (five times: 3^3 conv,
   InstanceNorm, LeakyReLU, trilinear x2 upsampling with the channels halving, the fifth keeping
   ``dim // 16``; then a 1^3 conv to the input channels);
-- step (:func:`reference_step`): two views of the batch, each rotated by a random multiple of
-  90 degrees in the last two axes (:func:`rotate_views`), each then cut by random patch drops
+- step (:func:`reference_loss`, :class:`ReferenceStep`): two views of the batch, each rotated by a
+  random multiple of 90 degrees in the last two axes (:func:`rotate_views`), each then cut by random patch drops
   (:func:`drop_patches`); both views through the model; the loss is cross-entropy on the rotation
   + NT-Xent (temperature 0.5) between the two views' contrastive outputs + L1 between the
   reconstructions and the rotated, uncut views, all with weight 1; AdamW.

@@ -42,6 +42,12 @@ from volpre.data.nnunet_plan import resolve_run_config
 from volpre.data.synthetic import write_demo_data
 from volpre.engine.distributed import DistContext
 from volpre.engine.trainer import Pretraining
+from volpre.errors import UserInputError
+
+
+class BenchInputError(UserInputError, ValueError):
+    """``bench step`` cannot run with the given options (a reference the crops do not fit)."""
+
 
 PHASES = ("data_wait", "host_to_device", "forward", "backward", "optimizer")
 REFERENCES = (REFERENCE_NAME,)
@@ -85,7 +91,7 @@ def run_step_bench(cfg: RunConfig, manifest_path: Path | None, steps: int, warmu
     if reference is not None and reference not in REFERENCES:
         raise ValueError(f"unknown reference {reference!r}; choose from {', '.join(REFERENCES)}")
     if reference is not None and cfg.data.roi is not None and crop_problem(list(cfg.data.roi)):
-        raise ValueError(crop_problem(list(cfg.data.roi)))
+        raise BenchInputError(f"--reference: {crop_problem(list(cfg.data.roi))}; e.g. data.roi=[32,64,64]")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
