@@ -18,7 +18,8 @@ from volpre.cli import main
 from volpre.config import DataConfig, PreprocessConfig
 from volpre.data import cache as cache_module
 from volpre.data import dicom as dicom_module
-from volpre.data.dataset import BadEntryLog, PretrainDataset, VolumeGroups, as_bad_data
+from volpre.data.dataset import BadEntryLog, PretrainDataset, VolumeGroups
+from volpre.data.errors import as_bad_data
 from volpre.data.dicom import scan_dicom
 from volpre.data.dicom_writer import write_dicom_series
 from volpre.data.errors import CacheError, VolumeError

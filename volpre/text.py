@@ -22,3 +22,8 @@ def printable(text: object) -> str:
 def printable_lines(text: object) -> str:
     """:func:`printable` applied to each line of a message volpre built from several lines."""
     return "\n".join(printable(line) for line in str(text).split("\n"))
+
+
+def one_line(error: BaseException) -> str:
+    """A library's exception message on one line (runs of whitespace joined), or its type's name if empty."""
+    return " ".join(str(error).split()) or type(error).__name__

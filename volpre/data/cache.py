@@ -86,9 +86,8 @@ from monai.utils import convert_to_tensor
 
 from volpre import __version__
 from volpre.config import ConfigError, DataConfig, PreprocessConfig, config_hash
-from volpre.data.dataset import StopRun, as_bad_data, entry_record
-from volpre.data.errors import CacheError, EntryProblem, VolumeError
-from volpre.data.manifest import ManifestEntry
+from volpre.data.errors import CacheError, EntryProblem, StopRun, VolumeError, as_bad_data
+from volpre.data.manifest import ManifestEntry, entry_record
 from volpre.data.nnunet_plan import NNUNetPlan
 from volpre.data.readers import source_files
 from volpre.data.transforms import (
@@ -98,9 +97,9 @@ from volpre.data.transforms import (
     preprocess_transforms,
     window_transform,
 )
-from volpre.files import describe_write_error
+from volpre.files import describe_write_error, fsync_folder
 from volpre.progress import Progress
-from volpre.text import printable
+from volpre.text import one_line, printable
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +200,7 @@ def write_entry(path: Path, image: np.ndarray, record: dict) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)
-        _fsync(path.parent)
+        fsync_folder(path.parent)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise CacheError(f"cannot write cache entry {path}: {describe_write_error(exc)}; data.cache_dir sets "
@@ -209,14 +208,6 @@ def write_entry(path: Path, image: np.ndarray, record: dict) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -335,7 +326,7 @@ class VolumeCache:
         except FileNotFoundError:
             return "missing"
         except OSError as exc:
-            return f"corrupt: {path.name} does not open as HDF5 ({_one_line(exc)})"
+            return f"corrupt: {path.name} does not open as HDF5 ({one_line(exc)})"
         try:
             stat = os.fstat(handle.id.get_vfd_handle())
             fingerprint = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
@@ -352,7 +343,7 @@ class VolumeCache:
             raise
         except (OSError, KeyError, ValueError, TypeError) as exc:
             handle.close()
-            return f"corrupt: {path.name}: {_one_line(exc)}"
+            return f"corrupt: {path.name}: {one_line(exc)}"
 
     def _record_problem(self, entry: ManifestEntry, handle: h5py.File, image: h5py.Dataset) -> str | None:
         record = json.loads(handle.attrs[RECORD_ATTR])
@@ -416,7 +407,7 @@ class VolumeCache:
                     return EntryStatus(entry.id, path, False, "up to date", int(np.prod(opened.shape)),
                                        path.stat().st_size)
                 except OSError as exc:
-                    opened = f"corrupt: {path.name}: {_one_line(exc)}"
+                    opened = f"corrupt: {path.name}: {one_line(exc)}"
         with self.build(entry, reason=opened) as stored:
             return EntryStatus(entry.id, path, True, opened, int(np.prod(stored.shape)), path.stat().st_size)
 
@@ -431,10 +422,6 @@ class VolumeCache:
             except FileNotFoundError:  # another process removed it first
                 continue
         return removed
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ----------------------------------------------------------------------------- crops
@@ -500,7 +487,7 @@ class CachedCrops:
             except OSError as exc:  # a chunk failed its checksum or could not be read
                 if stored.built:
                     raise
-                reason = f"corrupt: {stored.path.name}: {_one_line(exc)}"
+                reason = f"corrupt: {stored.path.name}: {one_line(exc)}"
         rng.bit_generator.state = state  # the same corners, from the rebuilt volume
         with self.cache.build(entry, reason=reason) as rebuilt:
             return self._cut(rebuilt, modality, count, rng)

@@ -11,17 +11,17 @@
   step sees exactly the crops the uninterrupted run saw. A volume that fails its checks is
   recorded (once, in ``bad_entries.jsonl``, however many workers and ranks meet it) and replaced
   by the next item (``on_bad_entry: skip``) or stops the run (``fail``). Only bad data is
-  skipped (see :func:`as_bad_data`): a full cache disk, a memory error or a bug in volpre stops
-  the run whatever ``on_bad_entry`` says.
+  skipped (see :func:`volpre.data.errors.as_bad_data`): a full cache disk, a memory error or a
+  bug in volpre stops the run whatever ``on_bad_entry`` says.
 - :class:`InfiniteShardSampler` yields ``(epoch, item)`` forever: a fresh permutation per epoch,
   one disjoint shard per rank, resumable from any position.
 - :func:`crop_loader` is the ``DataLoader`` the trainer (and the benchmarks) feed from; an error
-  that stops the run leaves its workers as itself (:class:`StopRun`), not as torch's re-raise.
+  that stops the run leaves its workers as itself (:class:`volpre.data.errors.StopRun`), not as
+  torch's re-raise.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -37,8 +37,8 @@ from monai.data import list_data_collate
 from monai.transforms import Compose
 
 from volpre.config import DataConfig, PreprocessConfig
-from volpre.data.errors import CacheError, VolumeError
-from volpre.data.manifest import ManifestEntry
+from volpre.data.errors import CacheError, StopRun, VolumeError, as_bad_data
+from volpre.data.manifest import ManifestEntry, entry_record
 from volpre.data.transforms import check_modality, crops_at, draw_crop_starts, preprocess_transforms
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,6 @@ class CropSource(Protocol):
     """
 
     def __call__(self, entry: ManifestEntry, count: int, rng: np.random.Generator) -> list[torch.Tensor]: ...
-
-
-def entry_record(entry: ManifestEntry) -> dict:
-    """The MONAI record the deterministic stage reads for pretraining (image only, no label)."""
-    record = entry.to_record()
-    record.pop("label", None)
-    return record
 
 
 class OnTheFlyCrops:
@@ -171,55 +164,6 @@ class BadEntryLog:
         for record in self._records():
             unique.setdefault(record["id"], record)
         return list(unique.values())
-
-
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and its causes (MONAI wraps transform errors in RuntimeError)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        yield seen
-        seen = seen.__cause__ or seen.__context__
-
-
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
-"""OSErrors of the machine, not of a file: full disk, quota, read-only filesystem, no memory or file handles."""
-
-
-def as_bad_data(error: BaseException, where: str) -> VolumeError | None:
-    """The reason ``error`` makes an entry bad data, as a VolumeError; None when the data are not to blame.
-
-    Bad data: a :class:`VolumeError` anywhere in the exception chain (volpre's checks; the readers
-    turn their decoders' own errors into one), or an ``OSError`` raised reading the source (no
-    permission, an I/O error, a file that vanished), reported as ``unreadable`` at ``where`` (the
-    entry's file) unless it names its own file. Not bad data, whatever else the chain holds: a
-    :class:`CacheError` (writing the cache failed), a ``MemoryError``, an ``OSError`` of the
-    machine (:data:`ENVIRONMENT_ERRNOS`); nor anything else (a ``TypeError`` in volpre is a bug):
-    those must stop the run.
-    """
-    chain = list(_chain(error))
-    for e in chain:
-        if isinstance(e, (CacheError, MemoryError)) or (isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS):
-            return None
-    volume_error = next((e for e in chain if isinstance(e, VolumeError)), None)
-    if volume_error is not None:
-        return volume_error
-    os_error = next((e for e in chain if isinstance(e, OSError)), None)
-    if os_error is not None:
-        return VolumeError(os_error.filename or where, "unreadable",
-                           f"cannot be read: {os_error.strerror or os_error}")
-    return None
-
-
-@dataclass(frozen=True)
-class StopRun:
-    """An error that stops the run, raised in a DataLoader worker, carried out of it as a value.
-
-    torch re-raises a worker's exception as ``type(error)(its traceback as text)``, which turns a
-    one-line error meant for the user (a full cache disk) into a traceback; :func:`crop_loader`
-    raises ``error`` itself in the main process instead.
-    """
-
-    error: BaseException
 
 
 class PretrainDataset(torch.utils.data.Dataset):

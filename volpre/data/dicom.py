@@ -49,6 +49,8 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from volpre.data.errors import VolumeError
+from volpre.data.geometry import LPS_TO_RAS
+from volpre.text import one_line
 
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between direction cosines of slices that share an orientation."""
@@ -64,7 +66,6 @@ SLICE_POSITION_TOLERANCE = 0.1
 DICOM_SUFFIXES = (".dcm", ".dicom")
 """File suffixes taken as DICOM without reading the file."""
 _MAGIC_OFFSET, _MAGIC = 128, b"DICM"
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SCAN_TAGS = [
     Tag(keyword)
     for keyword in (
@@ -281,7 +282,7 @@ def _scan_file(path: Path) -> tuple[str, _SeriesIdentity, list[DicomSlice]] | Sk
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom's own errors, of many types: the file is broken
-        return SkippedFile(path, "unreadable", f"unreadable DICOM header: {type(exc).__name__}: {_one_line(exc)}")
+        return SkippedFile(path, "unreadable", f"unreadable DICOM header: {type(exc).__name__}: {one_line(exc)}")
     try:
         return _slices_of(path, ds)
     except _BadValue as exc:
@@ -598,7 +599,7 @@ def stack_affine(series: DicomSeries) -> np.ndarray:
     lps[:3, 1] = col_dir / np.linalg.norm(col_dir) * series.pixel_spacing[0]
     lps[:3, 2] = _slice_normal(series.orientation) * series.slice_spacing
     lps[:3, 3] = series.origin_lps
-    return _LPS_TO_RAS @ lps
+    return LPS_TO_RAS @ lps
 
 
 def ras_grid(affine: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
@@ -675,7 +676,7 @@ def _read_pixels(path: Path, series: DicomSeries) -> np.ndarray:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - pydicom's own errors, of many types: the file is broken
-        raise VolumeError(where, "unreadable", f"{path.name}: unreadable DICOM file: {_one_line(exc)}") from exc
+        raise VolumeError(where, "unreadable", f"{path.name}: unreadable DICOM file: {one_line(exc)}") from exc
     if "PixelData" not in ds:
         raise VolumeError(where, "unreadable", f"{path.name}: no pixel data; expected an image")
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -697,13 +698,9 @@ def _read_pixels(path: Path, series: DicomSeries) -> np.ndarray:
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise VolumeError(
             where, "unreadable",
-            f"{path.name}: cannot decode pixel data ({name}): {_one_line(exc)}. Compressed DICOM needs a pydicom "
+            f"{path.name}: cannot decode pixel data ({name}): {one_line(exc)}. Compressed DICOM needs a pydicom "
             "decoder plugin (e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)",
         ) from exc
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 def _series_dir(series: DicomSeries) -> str:

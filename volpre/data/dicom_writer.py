@@ -38,13 +38,14 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
+from volpre.data.geometry import LPS_TO_RAS
+
 _SOP_CLASSES = {
     ("CT", False): CTImageStorage,
     ("MR", False): MRImageStorage,
     ("CT", True): EnhancedCTImageStorage,
     ("MR", True): EnhancedMRImageStorage,
 }
-_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _ORTHOGONALITY_TOLERANCE = 1e-6
 
 
@@ -255,7 +256,7 @@ class _PlaneGeometry:
         affine = np.asarray(affine, dtype=np.float64)
         if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
             raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
-        lps = _LPS_FROM_RAS @ affine
+        lps = LPS_TO_RAS @ affine
         column_spacing = float(np.linalg.norm(lps[:3, 0]))  # mm between neighbouring columns (along X)
         row_spacing = float(np.linalg.norm(lps[:3, 1]))  # mm between neighbouring rows (along Y)
         if column_spacing == 0 or row_spacing == 0:

@@ -5,12 +5,18 @@ A ``VolumeError`` names the file (``path``), a machine-readable category (``kind
 :data:`ERROR_KINDS`) and a human-readable ``reason`` that says what was found and what was
 expected. The manifest checker groups problems by ``kind`` and prints ``reason``; ``str(err)``
 is ``"<path>: <reason>"``.
+
+:func:`as_bad_data` tells bad data (skip the entry) from errors of the machine or of volpre
+(stop the run); :class:`StopRun` carries an error that stops the run out of a DataLoader worker.
+Both live here, below the cache and the crop stream that use them.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 from volpre.errors import UserInputError
 from volpre.text import printable
@@ -81,3 +87,52 @@ class CacheError(UserInputError, OSError):
     """The preprocessed cache cannot be created or written (a full disk, a quota, a read-only
     filesystem, no permission). Never a property of a source volume: it stops ``volpre cache``
     and ``volpre pretrain`` instead of marking entries bad."""
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and its causes (MONAI wraps transform errors in RuntimeError)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+"""OSErrors of the machine, not of a file: full disk, quota, read-only filesystem, no memory or file handles."""
+
+
+def as_bad_data(error: BaseException, where: str) -> VolumeError | None:
+    """The reason ``error`` makes an entry bad data, as a VolumeError; None when the data are not to blame.
+
+    Bad data: a :class:`VolumeError` anywhere in the exception chain (volpre's checks; the readers
+    turn their decoders' own errors into one), or an ``OSError`` raised reading the source (no
+    permission, an I/O error, a file that vanished), reported as ``unreadable`` at ``where`` (the
+    entry's file) unless it names its own file. Not bad data, whatever else the chain holds: a
+    :class:`CacheError` (writing the cache failed), a ``MemoryError``, an ``OSError`` of the
+    machine (:data:`ENVIRONMENT_ERRNOS`); nor anything else (a ``TypeError`` in volpre is a bug):
+    those must stop the run.
+    """
+    chain = list(_chain(error))
+    for e in chain:
+        if isinstance(e, (CacheError, MemoryError)) or (isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS):
+            return None
+    volume_error = next((e for e in chain if isinstance(e, VolumeError)), None)
+    if volume_error is not None:
+        return volume_error
+    os_error = next((e for e in chain if isinstance(e, OSError)), None)
+    if os_error is not None:
+        return VolumeError(os_error.filename or where, "unreadable",
+                           f"cannot be read: {os_error.strerror or os_error}")
+    return None
+
+
+@dataclass(frozen=True)
+class StopRun:
+    """An error that stops the run, raised in a DataLoader worker, carried out of it as a value.
+
+    torch re-raises a worker's exception as ``type(error)(its traceback as text)``, which turns a
+    one-line error meant for the user (a full cache disk) into a traceback; :func:`crop_loader`
+    raises ``error`` itself in the main process instead.
+    """
+
+    error: BaseException

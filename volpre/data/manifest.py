@@ -33,7 +33,7 @@ import jsonschema
 
 from volpre import __version__
 from volpre.errors import UserInputError
-from volpre.files import atomic_write_text
+from volpre.files import atomic_write_text, fsync_folder
 
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 FORMAT_VERSION = 1
@@ -344,6 +344,7 @@ class ManifestWriter:
             self._file.close()
         if exc_type is None:
             os.replace(self._tmp, self.path)
+            fsync_folder(self.path.parent)
         else:
             self._tmp.unlink(missing_ok=True)
 
@@ -429,3 +430,9 @@ def to_decathlon(manifest: Manifest, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, json.dumps(out, indent=2) + "\n")
 
+
+def entry_record(entry: ManifestEntry) -> dict:
+    """The MONAI record the deterministic stage reads for pretraining (image only, no label)."""
+    record = entry.to_record()
+    record.pop("label", None)
+    return record

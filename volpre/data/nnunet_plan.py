@@ -44,7 +44,7 @@ import numpy as np
 
 from volpre.config import ConfigError, NNUNetConfig, RunConfig
 from volpre.data.errors import VolumeError
-from volpre.data.dataset import entry_record
+from volpre.data.manifest import entry_record
 from volpre.data.manifest import ManifestEntry
 from volpre.data.transforms import LoadVolumed
 

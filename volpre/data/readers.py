@@ -48,6 +48,7 @@ from volpre.data.dicom import (
     scan_dicom,
 )
 from volpre.data.errors import VolumeError
+from volpre.data.geometry import LPS_TO_RAS
 
 try:  # ISA-L's inflate: same streams and checks as zlib's, faster (see gunzip)
     from isal import igzip as _isal_gzip
@@ -60,7 +61,6 @@ FILE_FORMATS: dict[str, tuple[str, ...]] = {
     "metaimage": (".mha", ".mhd"),
 }
 """Volume formats recognised by file name (DICOM is recognised by name or content)."""
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SITK_IO = {"nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}
 _SITK_SCALAR_BYTES = {
     sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
@@ -392,7 +392,7 @@ class _SimpleITKSource:
         lps = np.eye(4)
         lps[:3, :3] = direction * np.array(self.reader.GetSpacing()[:3])
         lps[:3, 3] = self.reader.GetOrigin()[:3]
-        self.affine = _LPS_TO_RAS @ lps
+        self.affine = LPS_TO_RAS @ lps
         self.itemsize = _SITK_SCALAR_BYTES[pixel_id]
         self.n_bytes = math.prod(size) * self.itemsize
         self._check_stored_size()

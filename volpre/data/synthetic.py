@@ -88,6 +88,7 @@ from monai.transforms import GaussianSmooth, RandBiasField
 from monai.transforms.utils import create_rotate
 
 from volpre.data.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
+from volpre.data.geometry import LPS_TO_RAS
 from volpre.data.manifest import TEST, TRAIN, VAL, Manifest, ManifestEntry, save_manifest
 
 CT_LABELS = {"liver": 1, "lesion": 2}
@@ -678,7 +679,7 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 def _save_sitk(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Write NRRD or MetaImage (by suffix) with SimpleITK; ``affine`` is RAS, ITK wants LPS."""
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
-    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :]
+    lps = (LPS_TO_RAS @ affine)[:3, :]
     spacing = np.linalg.norm(lps[:, :3], axis=0)
     image.SetSpacing(spacing.tolist())
     image.SetDirection((lps[:, :3] / spacing).flatten().tolist())

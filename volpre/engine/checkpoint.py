@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from volpre.errors import UserInputError
-from volpre.files import describe_write_error, remove_stale_temporaries, temporary_path
+from volpre.files import atomic_torch_save, describe_write_error, fsync_folder, remove_stale_temporaries, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -256,33 +256,6 @@ def _python_state_from_plain(plain: list) -> tuple:
     return (version, tuple(internal), gauss)
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_alias(source: Path, alias: Path) -> None:
     """Make ``alias`` a hard link to ``source`` (a copy if links fail), replacing it atomically."""
     tmp = temporary_path(alias)
@@ -292,7 +265,7 @@ def _atomic_alias(source: Path, alias: Path) -> None:
     except OSError:
         shutil.copyfile(source, tmp)
     os.replace(tmp, alias)
-    _fsync_dir(alias.parent)
+    fsync_folder(alias.parent)
 
 
 class CheckpointManager:
@@ -335,7 +308,7 @@ class CheckpointManager:
         path = self.folder / f"step_{step:08d}.pt"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_save(with_checksum(state), path)
+            atomic_torch_save(with_checksum(state), path)
             _atomic_alias(path, self.last)
             if is_best:
                 _atomic_alias(path, self.best)

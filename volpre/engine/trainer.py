@@ -28,7 +28,6 @@ modes as they were, so a run with probes trains exactly as one without.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import signal
@@ -64,6 +63,7 @@ from volpre.engine.ema import build_ema, update_ema
 from volpre.engine.logging import RunLogger
 from volpre.engine.provenance import RunData, compare, describe_splits
 from volpre.errors import UserInputError
+from volpre.files import file_sha256
 from volpre.objectives import build_items, build_pretrainer, check_items_fit_objective
 from volpre.versions import installed_versions
 
@@ -146,14 +146,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             continue
         (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

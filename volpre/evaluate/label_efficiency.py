@@ -48,14 +48,13 @@ from typing import Any, Literal
 from monai.bundle import ConfigParser
 
 from volpre.data.manifest import Manifest, save_manifest
-from volpre.engine.trainer import file_sha256
 from volpre.evaluate.errors import EvaluationError
 from volpre.evaluate.runs import check_bundle_overrides, finetune_and_validate
 from volpre.evaluate.sampling import MIN_SUBJECTS, Task, check_fractions, sample_subjects, select_evaluation_data
 from volpre.evaluate.summary import ARMS, CI_METHOD, format_table, plot_label_efficiency, summarize
 from volpre.export import export_bundle
 from volpre.export.templates import templates_root
-from volpre.files import atomic_write_text
+from volpre.files import atomic_write_text, file_sha256
 from volpre.versions import installed_versions
 
 RESULTS_FILE = "results.json"

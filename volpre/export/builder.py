@@ -38,7 +38,6 @@ import torch
 from monai.bundle import ConfigParser
 
 from volpre.config import ModelConfig, RunConfig
-from volpre.engine.checkpoint import atomic_save
 from volpre.export import networks
 from volpre.export.keymap import to_network_keys
 from volpre.export.metadata import Provenance, fill_metadata, installed_package_versions
@@ -46,7 +45,7 @@ from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
 from volpre.export.templates import TASKS, templates_root
 from volpre.export.transforms import check_ct_window
 from volpre.export.weights import check_state_dict
-from volpre.files import remove_stale_temporaries, temporary_path
+from volpre.files import atomic_torch_save, remove_stale_temporaries, temporary_path
 
 ENCODER_FILE = "models/pretrained_encoder.pt"
 """Where a bundle keeps the exported encoder, relative to its root."""
@@ -302,7 +301,7 @@ def _write_bundle(work_dir: Path, pretrained: PretrainedEncoder, task: str, name
     """Write every file of the bundle into ``work_dir`` (renamed onto the bundle's folder afterwards)."""
     cfg = pretrained.config
     encoder_path = work_dir / ENCODER_FILE
-    atomic_save({k: v.detach().clone().contiguous() for k, v in network_state.items()}, encoder_path)
+    atomic_torch_save({k: v.detach().clone().contiguous() for k, v in network_state.items()}, encoder_path)
     networks.load_weights(model, encoder_path, None, f"the bundle's {name}")  # the bundle's own strict load
 
     root = templates_root()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from volpre import __version__
-from volpre.engine.trainer import file_sha256
+from volpre.files import file_sha256
 from volpre.export.source import PretrainedEncoder
 
 BUNDLE_PACKAGES = ("monai", "torch", "numpy", "pytorch-ignite", "nibabel", "pydicom", "SimpleITK", "einops",

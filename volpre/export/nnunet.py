@@ -30,9 +30,9 @@ import torch
 from volpre import __version__
 from volpre.config import ConfigError, RunConfig, config_from_dict
 from volpre.data.nnunet_plan import NNUNetPlan
-from volpre.engine.checkpoint import CheckpointError, atomic_save, load_checkpoint
+from volpre.engine.checkpoint import CheckpointError, load_checkpoint
 from volpre.export.weights import check_state_dict
-from volpre.files import atomic_write_text
+from volpre.files import atomic_torch_save, atomic_write_text
 from volpre.models.nnunet import HEAD_KEY, pretraining_network, transferable_keys
 
 WEIGHT_PREFIXES: dict[str, str] = {"model": "", "ema": "module."}
@@ -126,7 +126,7 @@ def export_nnunet(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str
         "dataset_name": str(plan.plans.get("dataset_name", "")),
         "plans_sha256": plan.sha256,
     }
-    atomic_save({"network_weights": network_weights, "volpre_export": provenance}, out)
+    atomic_torch_save({"network_weights": network_weights, "volpre_export": provenance}, out)
     command = train_command(plan, out.resolve(), fold="0")
     atomic_write_text(readme, _readme(out.resolve(), plan, config, saved, provenance, command))
     return NNUNetExport(weights_file=out, readme=readme, command=command, keys=len(network_weights))
