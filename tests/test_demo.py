@@ -48,6 +48,12 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
         assert f"| {surv['cindex']:.3f} | [{low:.3f}, {high:.3f}] | 6 subjects" in row
     assert results["demo"]["synthetic"] is True and results["demo"]["finetune_ct_window"] == list(FINETUNE_CT_WINDOW)
     assert results["demo"]["survival_data"]["test_subjects"] == 6
+    # the learning-rate schedule ends with the demo's pretraining (its cosine reaches min_lr on step 3)
+    assert results["demo"]["pretrain_schedule"]["total_steps"] == 3
+    assert results["demo"]["pretrain_schedule"]["warmup_steps"] == 0
+    logged = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [row["lr"] for row in logged if "lr" in row and "event" not in row]
+    assert lrs and lrs[-1] < results["demo"]["pretrain_schedule"]["lr"] / 2
 
     # the probes: volpre evaluate probe's own results.json, pretrained vs random init, on each cohort's val split
     for task, metric in (("segmentation", "dice"), ("survival", "cindex")):

@@ -287,6 +287,18 @@ def format_report(results: list[ArmResult], probes: dict[str, dict[str, Any]], i
     return "\n".join(lines) + "\n"
 
 
+def _schedule_overrides(pretrain_steps: int) -> list[str]:
+    """Overrides that fit the learning-rate schedule into the demo's ``pretrain_steps``.
+
+    The trainer's warm-up and cosine decay run to ``train.total_steps`` (``--max-steps`` only says
+    where a run stops, so that a run continued with ``--resume`` keeps its schedule); the demo's
+    run is the whole run, so its cosine ends at ``train.min_lr`` on its last step. The warm-up
+    keeps the config's length, at most a fifth of the steps.
+    """
+    warmup = min(load_config(PRETRAIN_CONFIG).train.warmup_steps, pretrain_steps // 5)
+    return [f"train.total_steps={pretrain_steps}", f"train.warmup_steps={warmup}"]
+
+
 def _cohort(manifest: Path, seed: int | None = None) -> dict[str, Any]:
     entries = [e for e in load_manifest(manifest).entries if e.modality == "CT"]
 
@@ -365,7 +377,8 @@ def run_demo(out: Path, subjects: int = DEFAULT_SUBJECTS, seed: int = 0, pretrai
             raise DemoError(f"volpre check found problems in {path}")
 
     _say(f"[4/7] pretrain {PRETRAIN_CONFIG} for {pretrain_steps} steps (train and val splits of {out / 'data'})")
-    cfg = load_config(PRETRAIN_CONFIG, ["train.checkpoint_every=1000", *pretrain_overrides])
+    cfg = load_config(PRETRAIN_CONFIG, ["train.checkpoint_every=1000", *_schedule_overrides(pretrain_steps),
+                                        *pretrain_overrides])
     result = pretrain(cfg, manifest, out / "pretrain", max_steps=pretrain_steps, splits=("train", "val"))
     losses = result.losses
     _say(f"      loss {sum(losses[:10]) / min(10, len(losses)):.3f} (first 10 steps) -> "
@@ -408,6 +421,8 @@ def run_demo(out: Path, subjects: int = DEFAULT_SUBJECTS, seed: int = 0, pretrai
         "pretrain_config": PRETRAIN_CONFIG,
         "pretrain_steps": pretrain_steps,
         "pretrain_overrides": list(pretrain_overrides),
+        "pretrain_schedule": {"total_steps": cfg.train.total_steps, "warmup_steps": cfg.train.warmup_steps,
+                              "lr": cfg.train.lr, "min_lr": cfg.train.min_lr},
         "preprocess_spacing": list(cfg.preprocess.spacing),
         "pretrain_ct_window": list(cfg.preprocess.ct_window),
         "finetune_ct_window": list(FINETUNE_CT_WINDOW),
