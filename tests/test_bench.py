@@ -40,7 +40,13 @@ def test_bench_data_measures_every_pipeline_and_writes_json(demo_manifest, tmp_p
     assert results["reference"]["cache_bytes"] == 0 < results["persistent"]["cache_bytes"]
     assert results["cache_bytes"] == results["volpre_warm"]["cache_bytes"] > 0
     assert results["int16_bytes"] > 0
+    assert results["cache_bytes"] < results["int16_bytes"] + 16384 * results["setup"]["sources"]  # + metadata
     assert results["setup"]["entries"] == len(used) and results["setup"]["roi"] == [16, 16, 16]
+    stages = results["volpre_warm"]["stages_ms_per_crop"]
+    assert set(stages) == {"open", "read", "convert", "window", "stages", "loader_other"}
+    assert all(value >= 0 for value in stages.values()) and stages["read"] > 0
+    assert stages["stages"] == pytest.approx(sum(stages[k] for k in ("open", "read", "convert", "window")), abs=2e-3)
+    assert "volpre warm crop, ms per crop (one thread, as in a worker): open " in printed
 
 
 def test_bench_data_names_what_it_cannot_use(tmp_path, capsys):

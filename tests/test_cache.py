@@ -27,6 +27,7 @@ from volpre.cli import main
 from volpre.config import ConfigError, DataConfig, PreprocessConfig
 from volpre.data import cache as cache_module
 from volpre.data.cache import (
+    CACHE_FORMAT,
     CacheError,
     CachedCrops,
     VolumeCache,
@@ -128,7 +129,7 @@ def test_cached_crops_equal_the_crops_of_the_fully_preprocessed_volume(files, tm
     _assert_close(fresh(entry, 3, np.random.default_rng(9)), on_the_fly(entry, 3, np.random.default_rng(9)), modality)
 
 
-def test_entry_file_holds_rounded_voxels_chunked_with_checksums_and_its_record(files, tmp_path):
+def test_entry_file_holds_rounded_voxels_contiguously_with_their_checksum_and_its_record(files, tmp_path):
     ct, mr = _entry(files / "ct_a.nii.gz"), _entry(files / "mr.nii.gz", modality="MR")
     cache = VolumeCache.create(tmp_path / "cache", PRE)
     for entry, dtype in ((ct, np.int16), (mr, np.float16)):
@@ -136,9 +137,12 @@ def test_entry_file_holds_rounded_voxels_chunked_with_checksums_and_its_record(f
         assert status.built and status.reason == "missing"
         with h5py.File(status.path, "r") as f:
             image = f["image"]
-            assert image.dtype == dtype and image.chunks[0] == 1 and max(image.chunks) <= 32
-            assert image.fletcher32 and image.compression == "lzf" and image.shuffle
+            assert image.dtype == dtype and image.chunks is None and image.compression is None
             record = json.loads(f.attrs["volpre_cache"])
+            assert record["format"] == CACHE_FORMAT
+            assert record["voxels_crc32"] == zlib.crc32(np.ascontiguousarray(image[...]).tobytes())
+            voxel_bytes = image.size * image.dtype.itemsize
+        assert status.path.stat().st_size < voxel_bytes + 16384  # the voxels' own bytes and a little metadata
         assert record["config_hash"] == cache.config_hash and record["dtype"] == np.dtype(dtype).name
         assert record["entry"] == {"image": [str(entry.image[0])], "series_uid": None, "modality": entry.modality}
         assert [s["path"] for s in record["source"]] == [str(entry.image[0])]
@@ -269,29 +273,59 @@ def test_stale_temporary_files_are_removed(tmp_path):
 # ----------------------------------------------------------------------------- corruption
 
 
-def _flip_byte_in_first_chunk(path) -> None:
+def _flip_one_voxel_byte(path) -> None:
     with h5py.File(path, "r") as f:
-        info = f["image"].id.get_chunk_info(0)
+        image = f["image"]
+        offset = image.id.get_offset() + image.size * image.dtype.itemsize // 2
     with open(path, "r+b") as handle:
-        handle.seek(info.byte_offset + info.size // 2)
+        handle.seek(offset)
         byte = handle.read(1)
-        handle.seek(info.byte_offset + info.size // 2)
+        handle.seek(offset)
         handle.write(bytes([byte[0] ^ 0xFF]))
 
 
-def test_corrupt_chunk_is_detected_while_reading_and_rebuilt(files, tmp_path, caplog):
+def test_corrupt_voxels_are_detected_before_a_crop_is_cut_and_rebuilt(files, tmp_path, caplog):
     entry = _entry(files / "ct_a.nii.gz")
-    data = DataConfig(roi=(32, 32, 32), crops_per_volume=2)  # larger than the volume: every chunk is read
+    data = DataConfig(roi=(8, 8, 8), crops_per_volume=2)  # crops that need not touch the damaged voxel
     path = VolumeCache.create(tmp_path / "cache", PRE).ensure(entry).path
-    _flip_byte_in_first_chunk(path)
-    with h5py.File(path, "r") as f, pytest.raises(OSError):
-        f["image"][...]  # HDF5's own checksum rejects it
+    _flip_one_voxel_byte(path)
+    with h5py.File(path, "r") as f:
+        f["image"][...]  # HDF5 itself reads damaged voxels without a word
     cached = CachedCrops(VolumeCache.create(tmp_path / "cache", PRE), data)
     with caplog.at_level(logging.WARNING, logger="volpre.data.cache"):
         crops = cached(entry, 2, np.random.default_rng(1))
-    assert f"cache entry {path} for {entry.id} is corrupt: {path.name}: " in caplog.text
+    assert (f"cache entry {path} for {entry.id} is corrupt: {path.name}: its voxels do not match their checksum"
+            in caplog.text)
     _assert_close(crops, OnTheFlyCrops(PRE, data)(entry, 2, np.random.default_rng(1)), "CT")
     assert VolumeCache.create(tmp_path / "cache", PRE).ensure(entry).reason == "up to date"
+
+
+def test_ensure_rechecks_an_entry_this_process_validated_before(files, tmp_path):
+    entry = _entry(files / "ct_a.nii.gz")
+    cache = VolumeCache.create(tmp_path / "cache", PRE)
+    path = cache.ensure(entry).path
+    with cache.load(entry):
+        pass  # validated in this process
+    _flip_one_voxel_byte(path)
+    assert cache.ensure(entry).reason.startswith(f"corrupt: {path.name}: its voxels do not match")
+    assert cache.ensure(entry).reason == "up to date"
+
+
+def test_entry_of_the_earlier_compressed_layout_is_rebuilt_never_read(files, tmp_path):
+    entry = _entry(files / "ct_a.nii.gz")
+    cache = VolumeCache.create(tmp_path / "cache", PRE)
+    path = cache.ensure(entry).path
+    with h5py.File(path, "r") as f:
+        voxels, record = f["image"][...], json.loads(f.attrs["volpre_cache"])
+    old = {key: value for key, value in record.items() if key != "voxels_crc32"} | {"format": 1}
+    with h5py.File(path, "w") as f:  # what volpre 0.x wrote: LZF chunks, no voxel checksum
+        f.create_dataset("image", data=voxels + 7, chunks=(1, 8, 8, 8), compression="lzf", shuffle=True,
+                         fletcher32=True)
+        f.attrs["volpre_cache"] = json.dumps(old)
+    status = VolumeCache.create(tmp_path / "cache", PRE).ensure(entry)
+    assert status.built and status.reason == f"stale: built with format 1, now {CACHE_FORMAT}"
+    with h5py.File(path, "r") as f:
+        assert f["image"].chunks is None and np.array_equal(f["image"][...], voxels)
 
 
 def test_truncated_or_overwritten_entry_is_rebuilt(files, tmp_path, caplog):

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from volpre.config import DataConfig, PreprocessConfig
-from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups, item_seed
+from volpre.data import dataset as dataset_module
+from volpre.data.dataset import (BadEntryLog, InfiniteShardSampler, PretrainDataset, VolumeGroups, item_seed,
+                                 loader_workers)
 from volpre.data.errors import VolumeError
 from volpre.data.manifest import ManifestEntry
 from volpre.data.transforms import crops_at, draw_crop_starts, preprocess_transforms
@@ -203,3 +205,13 @@ def test_bad_entry_log_lines_are_json(files, tmp_path):
     log.record(ManifestEntry(image=(files / "x.nii.gz",), id="x"), VolumeError("x.nii.gz", "missing", "no such file"))
     record = json.loads((tmp_path / "b.jsonl").read_text())
     assert (record["kind"], record["reason"]) == ("missing", "x.nii.gz: no such file")
+
+
+def test_loader_workers_are_capped_by_the_cpus_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(dataset_module.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert loader_workers(8) == 2  # the shipped configs' 8 on a 2-CPU machine
+    assert loader_workers(1) == 1 and loader_workers(0) == 0  # 0: crops in the main process, as asked
+    assert loader_workers(8, processes_per_node=2) == 1  # two ranks share the node's CPUs
+    assert loader_workers(8, processes_per_node=4) == 1  # never fewer than one worker when workers were asked for
+    monkeypatch.setattr(dataset_module.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert loader_workers(8) == 8 and loader_workers(8, processes_per_node=4) == 8  # the config is the cap

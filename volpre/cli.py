@@ -656,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "table with ratios against (a).")
     q.add_argument("manifest", type=Path)
     q.add_argument("--roi", required=True, metavar="R", help="crop size: one edge (64) or X,Y,Z (96,96,64)")
-    q.add_argument("--workers", type=int, help="DataLoader workers of every pipeline (default: data.num_workers)")
+    q.add_argument("--workers", type=int, help="DataLoader workers of every pipeline (default: data.num_workers; "
+                   "at most the CPUs available to this process, as in training)")
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     q.add_argument("--config", default="swin-dae", help="config whose preprocess and data sections apply "
                    "(default: swin-dae)")

@@ -15,7 +15,8 @@ them in the page cache. Cold pipelines make exactly one pass; the others make pa
 ``min_seconds`` have elapsed. Reported per pipeline: ``crops``, ``passes``, ``seconds``,
 ``crops_per_s``, ``peak_rss_main_bytes`` (the process that collates), ``peak_rss_worker_bytes``
 (the largest DataLoader worker), ``cache_bytes`` (its cache on disk); overall ``cache_bytes``
-(volpre's) and ``int16_bytes`` (the preprocessed voxels at 2 bytes each).
+(volpre's) and ``int16_bytes`` (the preprocessed voxels at 2 bytes each). ``volpre_warm`` also
+holds ``stages_ms_per_crop`` (:func:`warm_stage_times`): where a warm crop's time goes.
 
 The reference reads files with MONAI's ``LoadImaged``, which reads NIfTI without ITK: the
 benchmark uses the manifest's CT entries stored as one NIfTI file (others are listed as skipped).
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import h5py
+import numpy as np
 import torch
 from monai.data import DataLoader as MonaiDataLoader
 from monai.data import Dataset, PersistentDataset
@@ -52,8 +54,9 @@ from monai.transforms import (
 
 from volpre.bench.isolated import run_isolated
 from volpre.config import DataConfig, PreprocessConfig, RunConfig
-from volpre.data.cache import CachedCrops, VolumeCache, build_cache, entries_to_cache
-from volpre.data.dataset import PretrainDataset, VolumeGroups, crop_loader
+from volpre.data.cache import CachedCrops, VolumeCache, build_cache, entries_to_cache, read_crop
+from volpre.data.dataset import PretrainDataset, VolumeGroups, available_cpus, crop_loader, loader_workers
+from volpre.data.transforms import draw_crop_starts
 from volpre.data.manifest import ManifestEntry, load_manifest
 from volpre.errors import UserInputError
 from volpre.text import printable
@@ -186,7 +189,54 @@ def measure_volpre(setup: DataBenchSetup, cold: bool) -> dict:
     del loader
     gc.collect()
     result["cache_bytes"] = _folder_bytes(setup.volpre_dir)
+    if not cold:
+        result["stages_ms_per_crop"] = warm_stage_times(setup, result)
     return result
+
+
+STAGE_CROPS = 64
+"""Crops :func:`warm_stage_times` times (after as many untimed ones)."""
+
+
+def warm_stage_times(setup: DataBenchSetup, warm: dict) -> dict[str, float]:
+    """Milliseconds per crop of each stage of the warm crop path, timed in this process with one
+    torch thread, as a DataLoader worker runs it.
+
+    ``open``: :meth:`VolumeCache.load` of an entry this process has validated (an HDF5 open and a
+    ``stat``) and its close; ``read``, ``convert``, ``window``: the stages of
+    :func:`~volpre.data.cache.read_crop`; ``stages``: their sum; ``loader_other``: what the
+    DataLoader adds per crop, derived from the measured warm rate as ``workers / crops_per_s``
+    minus ``stages`` (collation, the transfer between processes, Python; the main process's share
+    of the CPUs too, so it is an estimate, and 0 without workers is the main process's own time).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cache = VolumeCache(setup.volpre_dir, setup.preprocess)
+        sources = list(entries_to_cache(setup.entries))
+        rng = np.random.default_rng(setup.seed)
+        totals = dict.fromkeys(("open", "read", "convert", "window"), 0.0)
+        for index in range(2 * STAGE_CROPS):
+            entry = sources[index % len(sources)]
+            times = [time.perf_counter()]
+            stored = cache.load(entry)
+            times.append(time.perf_counter())
+            start = draw_crop_starts(stored.shape[1:], setup.data.roi, 1, rng)[0]
+            read_crop(stored.image, start, setup.data.roi, "CT", setup.preprocess,
+                      mark=lambda _: times.append(time.perf_counter()))
+            before_close = time.perf_counter()
+            stored.close()
+            if index >= STAGE_CROPS:  # the first ones warm the page cache and validate every entry
+                totals["open"] += times[1] - times[0] + time.perf_counter() - before_close
+                for name, (a, b) in zip(("read", "convert", "window"), zip(times[1:], times[2:])):
+                    totals[name] += b - a
+    finally:
+        torch.set_num_threads(threads)
+    stages = {name: 1000.0 * total / STAGE_CROPS for name, total in totals.items()}
+    stages["stages"] = sum(stages.values())
+    workers = max(setup.data.num_workers, 1)
+    stages["loader_other"] = max(0.0, 1000.0 * workers / warm["crops_per_s"] - stages["stages"])
+    return {name: round(value, 3) for name, value in stages.items()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -216,7 +266,8 @@ def run_data_bench(manifest_path: Path, cfg: RunConfig, roi: tuple[int, int, int
     """Measure ``pipelines`` on the CT NIfTI entries of a manifest; return the JSON-ready results.
 
     ``cfg`` gives the preprocessing and the crops per volume and batch size; ``roi`` and
-    ``workers`` override its ``data.roi`` and ``data.num_workers``.
+    ``workers`` override its ``data.roi`` and ``data.num_workers`` (at most the CPUs available to
+    this process: :func:`~volpre.data.dataset.loader_workers`, as in training).
     """
     unknown = [p for p in pipelines if p not in PIPELINES]
     if unknown:
@@ -228,7 +279,8 @@ def run_data_bench(manifest_path: Path, cfg: RunConfig, roi: tuple[int, int, int
                          f"({len(skipped)} other entries)")
     if skipped:
         say(f"skipping {len(skipped)} entries that are not CT in one NIfTI file (e.g. {printable(skipped[0].id)})")
-    data = dataclasses.replace(cfg.data, roi=tuple(roi), num_workers=workers)
+    # the workers volpre's loader would use (at most the CPUs available), given to every pipeline alike
+    data = dataclasses.replace(cfg.data, roi=tuple(roi), num_workers=loader_workers(workers))
     sources = list(entries_to_cache(entries))
     _read_once([e.image[0] for e in sources])
     results: dict = {}
@@ -257,7 +309,8 @@ def run_data_bench(manifest_path: Path, cfg: RunConfig, roi: tuple[int, int, int
     results["setup"] = {
         "manifest": str(Path(manifest_path).resolve()), "entries": len(entries), "sources": len(sources),
         "roi": list(data.roi), "crops_per_volume": data.crops_per_volume, "batch_size": data.batch_size,
-        "workers": workers, "min_seconds": min_seconds, "spacing": list(cfg.preprocess.spacing),
+        "workers": data.num_workers, "workers_requested": workers, "available_cpus": available_cpus(),
+        "min_seconds": min_seconds, "spacing": list(cfg.preprocess.spacing),
         "ct_window": list(cfg.preprocess.ct_window), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "versions": installed_versions(),
     }
@@ -278,6 +331,10 @@ def format_table(results: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
+    stages = results.get("volpre_warm", {}).get("stages_ms_per_crop")
+    if stages:
+        lines.append("volpre warm crop, ms per crop (one thread, as in a worker): " + ", ".join(
+            f"{name} {value:.2f}" for name, value in stages.items()))
     if "int16_bytes" in results:
         lines.append(f"volpre cache: {_mib(results['cache_bytes'])} on disk = "
                      f"{results['cache_bytes'] / max(results['int16_bytes'], 1):.2f}x the int16 size of the "

@@ -297,16 +297,41 @@ class CropLoader(torch.utils.data.DataLoader):
             yield batch
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (``os.sched_getaffinity``: a SLURM or container CPU set), else ``os.cpu_count``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, processes_per_node: int = 1) -> int:
+    """DataLoader workers for one training process: ``requested`` (``data.num_workers``), at most
+    this process's share of :func:`available_cpus` among the ``processes_per_node`` training
+    processes of its node (at least 1; 0 stays 0, crops in the main process).
+
+    More workers than CPUs only take turns on them: the shipped configs ask for 8, which on a
+    2-core machine made 8 processes (and their memory) for the throughput of 2.
+    """
+    if requested == 0:
+        return 0
+    return max(1, min(requested, available_cpus() // max(1, processes_per_node)))
+
+
 def crop_loader(dataset: PretrainDataset, sampler: Iterable[tuple[int, int]], data: DataConfig,
-                pin_memory: bool) -> CropLoader:
-    """The pretraining ``DataLoader``: ``data.num_workers`` persistent workers cut the crops (each
-    reads only its crops' regions from the cache), 4 batches prefetched per worker.
+                pin_memory: bool, processes_per_node: int = 1) -> CropLoader:
+    """The pretraining ``DataLoader``: :func:`loader_workers` persistent workers (``data.num_workers``
+    at most) cut the crops (each reads only its crops' regions from the cache), 4 batches
+    prefetched per worker. The number of workers never changes the crops (see :class:`PretrainDataset`).
 
     Each batch: ``image`` float32 ``(data.batch_size * crops_per_volume, C, *roi)``; ``subject``,
     ``modality``, ``item`` and ``scan`` int64 ``(data.batch_size * crops_per_volume,)``; an item's
     crops are consecutive.
     """
-    workers = data.num_workers
+    workers = loader_workers(data.num_workers, processes_per_node)
+    if workers != data.num_workers:
+        log.info("data.num_workers %d: using %d DataLoader workers (%d CPUs available to %d process(es) "
+                 "of this node)", data.num_workers, workers, available_cpus(), processes_per_node)
     return CropLoader(
         dataset, batch_size=data.batch_size, sampler=sampler, num_workers=workers,
         collate_fn=_collate_crops, pin_memory=pin_memory,

@@ -35,6 +35,8 @@ class DistContext:
     device: torch.device
     backend: str | None
     """``nccl``, ``gloo``, or None for a single process."""
+    processes_per_node: int = 1
+    """Training processes on this process's node (they share its CPUs among their DataLoader workers)."""
 
     @property
     def is_main(self) -> bool:
@@ -71,7 +73,8 @@ def setup_distributed(device: str | None = None) -> DistContext:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    return DistContext(rank=rank, world_size=idist.get_world_size(), local_rank=local_rank, device=dev, backend=backend)
+    return DistContext(rank=rank, world_size=idist.get_world_size(), local_rank=local_rank, device=dev, backend=backend,
+                       processes_per_node=idist.get_nproc_per_node())
 
 
 def patient_group(ctx: DistContext, timeout: datetime.timedelta) -> dist.ProcessGroup | None:

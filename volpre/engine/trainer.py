@@ -446,7 +446,8 @@ class Pretraining:
                                   crops=CachedCrops(cache, cfg.data), bad_entries=bad_log)
         sampler = InfiniteShardSampler(len(self.groups), cfg.train.seed, ctx.rank, ctx.world_size,
                                        start=self.step * self.items_per_step)
-        loader = crop_loader(dataset, sampler, cfg.data, pin_memory=ctx.device.type == "cuda")
+        loader = crop_loader(dataset, sampler, cfg.data, pin_memory=ctx.device.type == "cuda",
+                             processes_per_node=ctx.processes_per_node)
         return StepBatches(DevicePrefetcher(iter(loader), ctx.device, cfg.train.channels_last), cfg.train.grad_accum)
 
     # ------------------------------------------------------------------ step
