@@ -8,12 +8,14 @@ Checkpoints here are built directly in the layout of ``volpre.engine.checkpoint`
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import json
 from pathlib import Path
 
 import jsonschema
 import numpy as np
 import pytest
+from monai.bundle import ConfigParser
 import torch
 from ignite.engine import Engine
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -300,6 +302,9 @@ def test_export_writes_a_complete_bundle(tmp_path, resnet_checkpoint, demo_manif
     assert train["manifest"] == str(demo_manifest.resolve()) and train["out_channels"] == 3
     cfg = pretrained.config
     assert train["roi_size"] == list(cfg.data.roi) and train["preprocess"]["spacing"] == list(cfg.preprocess.spacing)
+    # the whole preprocessing section, field for field: it builds back into the pretraining's PreprocessConfig
+    parsed = ConfigParser({"p": train["preprocess"]}).get_parsed_content("p")
+    assert json.dumps(dataclasses.asdict(parsed)) == json.dumps(dataclasses.asdict(cfg.preprocess))
     inference = json.loads((out / "configs/inference.json").read_text())
     assert inference["network_def"]["checkpoint"] == "$@ckpt_dir + '/model.pt'"
     assert inference["network_def"]["backbone"] == "resnet10" and inference["network_def"]["pretrained_encoder"] is None

@@ -26,6 +26,7 @@ provenance is file names and SHA-256 digests, ``bundle_root`` is ``"."`` as in M
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -315,13 +316,10 @@ def _write_bundle(work_dir: Path, pretrained: PretrainedEncoder, task: str, name
         "modality": modality,
         "in_channels": cfg.model.in_channels,
         "roi_size": list(roi),
-        "preprocess": {
-            "_target_": "volpre.config.PreprocessConfig",
-            "spacing": list(pre.spacing),
-            "ct_window": list(pre.ct_window),
-            "mr_percentiles": list(pre.mr_percentiles),
-            "crop_foreground": pre.crop_foreground,
-        },
+        # every field of the pretraining's PreprocessConfig, so that a new one cannot go missing
+        "preprocess": {"_target_": "volpre.config.PreprocessConfig",
+                       **{key: list(value) if isinstance(value, tuple) else value
+                          for key, value in dataclasses.asdict(pre).items()}},
         "ct_window": list(window),
         "network_def": network_def,
     }
