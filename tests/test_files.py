@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from volpre.files import atomic_torch_save, atomic_write, atomic_write_text, file_sha256
+from volpre.files import atomic_torch_save, atomic_write, atomic_write_text, check_new_output, file_sha256
 
 
 def test_atomic_writers_replace_the_file_and_leave_no_temporary(tmp_path):
@@ -40,3 +40,17 @@ def test_file_sha256_matches_hashlib_across_block_boundaries(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert file_sha256(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_check_new_output_takes_new_or_empty_folders_and_names_what_is_in_the_way(tmp_path):
+    check_new_output(tmp_path / "new", "bundle output")
+    (tmp_path / "empty").mkdir()
+    check_new_output(tmp_path / "empty", "bundle output")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(FileExistsError, match=r"^probe output .*full is a non-empty directory; expected a new or "
+                                              r"empty directory \(remove it\)$"):
+        check_new_output(tmp_path / "full", "probe output", " (remove it)")
+    with pytest.raises(FileExistsError, match=r"^bundle output .*file is a file; expected a new or empty directory$"):
+        check_new_output(tmp_path / "file", "bundle output")

@@ -141,3 +141,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_new_output(out: str | os.PathLike[str], what: str, hint: str = "") -> None:
+    """Refuse an output folder that is a file or a non-empty directory (a new or empty one is fine).
+
+    Raises:
+        FileExistsError: ``"<what> <out> is a file|a non-empty directory; expected a new or empty
+            directory<hint>"``.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        found = "a file" if not out.is_dir() else "a non-empty directory"
+        raise FileExistsError(f"{what} {out} is {found}; expected a new or empty directory{hint}")

@@ -24,6 +24,7 @@ from monai.transforms import ResizeWithPadOrCrop, Spacing
 from volpre.data.manifest import Manifest, ManifestEntry, load_manifest, save_manifest
 from volpre.data.readers import read_volume
 from volpre.data.synthetic import write_demo_data
+from volpre.files import check_new_output
 
 DEFAULT_SHAPE = (256, 256, 200)
 DEFAULT_SPACING = (1.4, 1.4, 1.6)
@@ -45,8 +46,7 @@ def write_bench_ct(out_dir: Path, volumes: int, entries: int | None = None,
         raise ValueError(f"benchmark data needs volumes >= 1 and entries >= 1, got {volumes} and {entries}")
     if any(s < 2 for s in shape) or any(s <= 0 for s in spacing):
         raise ValueError(f"benchmark volumes need shape >= 2 and spacing > 0 per axis, got {shape} and {spacing}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not an empty folder; choose a new one")
+    check_new_output(out_dir, "benchmark volumes output", " (remove it or choose another path)")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     phantoms = _demo_ct_phantoms(min(volumes, 4), seed, shape, spacing)
     paths = []

@@ -90,6 +90,7 @@ from monai.transforms.utils import create_rotate
 from volpre.data.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
 from volpre.data.geometry import LPS_TO_RAS
 from volpre.data.manifest import TEST, TRAIN, VAL, Manifest, ManifestEntry, save_manifest
+from volpre.files import check_new_output
 
 CT_LABELS = {"liver": 1, "lesion": 2}
 """Label values of the CT segmentations (0 is background)."""
@@ -840,12 +841,7 @@ def write_demo_data(out_dir: Path, subjects: int = 8, seed: int = 0, size: str =
     if size not in DEMO_SIZES:
         raise ValueError(f"demo data: size must be one of {', '.join(DEMO_SIZES)}, got {size!r}")
     splits = assign_splits(subjects, int(seed), val_fraction, test_fraction)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        found = "a file" if not out_dir.is_dir() else "a non-empty directory"
-        raise FileExistsError(
-            f"demo data output {out_dir} is {found}; expected a new or empty directory "
-            "(remove it or choose another path)"
-        )
+    check_new_output(out_dir, "demo data output", " (remove it or choose another path)")
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _Writer(out_dir.resolve(), int(seed), size)
     entries = []

@@ -54,7 +54,7 @@ from volpre.evaluate.sampling import MIN_SUBJECTS, Task, check_fractions, sample
 from volpre.evaluate.summary import ARMS, CI_METHOD, format_table, plot_label_efficiency, summarize
 from volpre.export import export_bundle
 from volpre.export.templates import templates_root
-from volpre.files import atomic_write_text, file_sha256
+from volpre.files import atomic_write_text, check_new_output, file_sha256
 from volpre.versions import installed_versions
 
 RESULTS_FILE = "results.json"
@@ -72,14 +72,6 @@ METRIC_LABELS: dict[str, str] = {
     "survival": "C-index (Harrell)",
 }
 """What each task's key validation metric is, for the table and the plot."""
-
-
-def _check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        found = "a file" if not out.is_dir() else "a non-empty directory"
-        raise FileExistsError(
-            f"evaluation output {out} is {found}; expected a new or empty directory (remove it or choose another --out)"
-        )
 
 
 def _encoder_rate(encoder_lr: float, lr: float) -> str:
@@ -138,7 +130,7 @@ def evaluate_label_efficiency(
         CheckpointError, WeightsError: the checkpoint cannot be exported (from ``volpre export``).
     """
     out = Path(out)
-    _check_output(out)
+    check_new_output(out, "evaluation output", " (remove it or choose another --out)")
     fractions = check_fractions(fractions)
     seeds = _positive_int(seeds, "seeds (the number of seeds)")
     if max_steps is not None:

@@ -46,7 +46,7 @@ from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
 from volpre.export.templates import TASKS, templates_root
 from volpre.export.transforms import check_ct_window
 from volpre.export.weights import check_state_dict
-from volpre.files import atomic_torch_save, remove_stale_temporaries, temporary_path
+from volpre.files import atomic_torch_save, check_new_output, remove_stale_temporaries, temporary_path
 
 ENCODER_FILE = "models/pretrained_encoder.pt"
 """Where a bundle keeps the exported encoder, relative to its root."""
@@ -176,9 +176,7 @@ def _fine_tuning_window(ct_window: Sequence[float] | None, pretraining: Sequence
 
 
 def _check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        found = "a file" if not out.is_dir() else "a non-empty directory"
-        raise FileExistsError(f"bundle output {out} is {found}; expected a new or empty directory")
+    check_new_output(out, "bundle output")
 
 
 @contextlib.contextmanager

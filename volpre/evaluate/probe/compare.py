@@ -44,7 +44,7 @@ from volpre.evaluate.probe.segmentation import SegmentationProbe
 from volpre.evaluate.probe.survival import SurvivalProbe
 from volpre.evaluate.sampling import Task
 from volpre.export.source import read_pretrained_encoder
-from volpre.files import atomic_write_text
+from volpre.files import atomic_write_text, check_new_output
 from volpre.models import build_encoder
 from volpre.versions import installed_versions
 
@@ -88,14 +88,6 @@ def _arm_summary(scores: Sequence[dict[str, float]], metric: str, class_names: S
     if class_names:
         summary["per_class"] = {name: _stats([s[f"{metric}/{name}"] for s in scores]) for name in class_names}
     return summary
-
-
-def _check_output(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        found = "a file" if not out.is_dir() else "a non-empty directory"
-        raise FileExistsError(
-            f"probe output {out} is {found}; expected a new or empty directory (remove it or choose another --out)"
-        )
 
 
 def _settings(task: str) -> dict[str, Any]:
@@ -150,7 +142,7 @@ def compare_with_random_init(
         CheckpointError, WeightsError: the checkpoint cannot be read or its encoder does not fit its config.
     """
     out = Path(out)
-    _check_output(out)
+    check_new_output(out, "probe output", " (remove it or choose another --out)")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise EvaluationError(f"seeds: got {seeds!r}, expected an integer >= 1 (the number of seeds)")
     if task not in ("segmentation", "survival"):
