@@ -128,6 +128,16 @@ def test_key_map_round_trip_is_strict_and_exact(config, network):
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
+def test_network_choices_of_the_cli_and_the_defaults_come_from_one_table():
+    from volpre.cli import BUNDLE_NETWORKS
+
+    assert BUNDLE_NETWORKS == tuple(networks.NETWORKS)
+    assert networks.default_network("segmentation", "swin") == "swinunetr"
+    assert networks.default_network("segmentation", "resnet") == "flexibleunet"
+    assert networks.default_network("survival", "swin") == networks.default_network("survival", "resnet") == "survivalnet"
+    assert networks.default_network("segmentation", "nnunet") is None  # nnU-Net encoders export with --task nnunet
+
+
 def test_key_map_refuses_an_unsupported_pair():
     with pytest.raises(ValueError, match=r"no key map from a 'resnet' encoder to network 'swinunetr'; supported pairs"):
         keymap.key_prefix("resnet", "swinunetr")

@@ -13,6 +13,10 @@ from pathlib import Path
 from volpre import __version__
 from volpre.errors import UserInputError
 
+BUNDLE_NETWORKS = ("swinunetr", "flexibleunet", "survivalnet")
+"""``--network`` choices: the names of ``volpre.export.networks.NETWORKS``, written out so that
+``--help`` imports neither torch nor MONAI (a test checks that the two agree)."""
+
 
 class UserError(UserInputError):
     """A problem with the user's input: printed as one line, exit status 2, no traceback."""
@@ -541,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=["segmentation", "survival", "nnunet"])
     p.add_argument("--out", required=True, type=Path, help="bundle folder to create (must not exist or be empty); "
                    "--task nnunet: the weights file to create (FILE.pth; FILE.md is written beside it)")
-    p.add_argument("--network", choices=["swinunetr", "flexibleunet", "survivalnet"],
+    p.add_argument("--network", choices=BUNDLE_NETWORKS,
                    help="default: the one fitting the task and the checkpoint's encoder")
     p.add_argument("--manifest", type=Path, help="manifest the bundle fine-tunes on by default (its entries' "
                    "split: train/val/test), written as an absolute path into train.json and inference.json; "
@@ -586,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-steps", type=int, help="optimiser steps per run (default: the bundle's max_epochs, "
                    "so smaller fractions take fewer steps)")
     q.add_argument("--task", choices=["segmentation", "survival"], default="segmentation")
-    q.add_argument("--network", choices=["swinunetr", "flexibleunet", "survivalnet"],
+    q.add_argument("--network", choices=BUNDLE_NETWORKS,
                    help="default: the one fitting the task and the checkpoint's encoder")
     q.add_argument("--modality", choices=["CT", "MR"], default="CT", help="entries and preset the runs use")
     q.add_argument("--out-channels", type=int, help="segmentation: number of classes including background "

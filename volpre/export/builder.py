@@ -51,14 +51,6 @@ from volpre.files import atomic_torch_save, check_new_output, remove_stale_tempo
 ENCODER_FILE = "models/pretrained_encoder.pt"
 """Where a bundle keeps the exported encoder, relative to its root."""
 
-DEFAULT_NETWORKS: dict[tuple[str, str], str] = {
-    ("segmentation", "swin"): "swinunetr",
-    ("segmentation", "resnet"): "flexibleunet",
-    ("survival", "swin"): "survivalnet",
-    ("survival", "resnet"): "survivalnet",
-}
-"""(task, encoder) -> the network a bundle holds when ``network`` is not given."""
-
 SWINUNETR_MIN_TRAIN_ROI = 64
 """SwinUNETR's instance norm needs more than one voxel on its stride-32 map when training."""
 
@@ -116,7 +108,7 @@ def _check_choices(task: str, network: str | None, pretrained: PretrainedEncoder
     if task not in TASKS:
         raise ValueError(f"task: got {task!r}, expected one of {', '.join(TASKS)}")
     encoder = pretrained.encoder
-    name = network if network is not None else DEFAULT_NETWORKS[(task, encoder)]
+    name = network if network is not None else networks.default_network(task, encoder)
     spec = networks.NETWORKS.get(name)
     if spec is None or spec.task != task or encoder not in spec.encoders:
         allowed = [n for n, s in networks.NETWORKS.items() if s.task == task and encoder in s.encoders]
@@ -155,7 +147,7 @@ def default_roi(task: str, network: str | None, pretrained: PretrainedEncoder,
     if roi_size is not None:
         return tuple(roi_size), "chosen at export (`volpre export --roi`)"
     pretraining = tuple(pretrained.config.data.roi)
-    name = network if network is not None else DEFAULT_NETWORKS.get((task, pretrained.encoder))
+    name = network if network is not None else networks.default_network(task, pretrained.encoder)
     if name == "swinunetr" and min(pretraining) < SWINUNETR_MIN_TRAIN_ROI:
         roi = tuple(max(r, SWINUNETR_MIN_TRAIN_ROI) for r in pretraining)
         return roi, (f"the pretraining crop {list(pretraining)} raised to {list(roi)}, the smallest crop SwinUNETR "

@@ -21,26 +21,20 @@ from collections.abc import Mapping
 
 import torch
 
-KEY_PREFIXES: dict[tuple[str, str], str] = {
-    ("swin", "swinunetr"): "swinViT.",
-    ("resnet", "flexibleunet"): "encoder.",
-    ("swin", "survivalnet"): "encoder.",
-    ("resnet", "survivalnet"): "encoder.",
-}
-"""(encoder name, network name) -> the prefix an encoder key gets in the network's state dict."""
-
+from volpre.export.networks import NETWORKS
 
 def key_prefix(encoder: str, network: str) -> str:
-    """The prefix of the encoder's keys inside ``network``.
+    """The prefix of the encoder's keys inside ``network``: its ``encoder_attr`` and a dot
+    (:data:`volpre.export.networks.NETWORKS`, the one table of which network takes which encoder).
 
     Raises:
         ValueError: the pair is not supported; the message lists the supported pairs.
     """
-    prefix = KEY_PREFIXES.get((encoder, network))
-    if prefix is None:
-        pairs = ", ".join(f"{e} -> {n}" for e, n in KEY_PREFIXES)
+    spec = NETWORKS.get(network)
+    if spec is None or encoder not in spec.encoders:
+        pairs = ", ".join(f"{e} -> {n}" for n, s in NETWORKS.items() for e in s.encoders)
         raise ValueError(f"no key map from a {encoder!r} encoder to network {network!r}; supported pairs: {pairs}")
-    return prefix
+    return spec.encoder_attr + "."
 
 
 def to_network_keys(encoder_state: Mapping[str, torch.Tensor], encoder: str, network: str) -> dict[str, torch.Tensor]:

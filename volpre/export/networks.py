@@ -47,7 +47,15 @@ NETWORKS: dict[str, NetworkSpec] = {
     "flexibleunet": NetworkSpec("segmentation", FlexibleUNet, "encoder", ("resnet",)),
     "survivalnet": NetworkSpec("survival", SurvivalNet, "encoder", ("swin", "resnet")),
 }
-"""Network name (``volpre export --network``) -> what it is and where its encoder sits."""
+"""Network name (``volpre export --network``) -> what it is and where its encoder sits: the one
+table of which network takes which encoder (the key maps, the export defaults and checks derive
+from it; the CLI's ``--network`` choices are checked against it by a test)."""
+
+
+def default_network(task: str, encoder: str) -> str | None:
+    """The network a ``task`` bundle of an ``encoder`` holds unless told otherwise: the first of
+    :data:`NETWORKS` for that task that takes the encoder (None if none does)."""
+    return next((name for name, spec in NETWORKS.items() if spec.task == task and encoder in spec.encoders), None)
 
 
 def network_name(network: nn.Module) -> str:
