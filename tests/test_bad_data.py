@@ -21,7 +21,7 @@ from volpre.data import dicom as dicom_module
 from volpre.data.dataset import BadEntryLog, PretrainDataset, VolumeGroups
 from volpre.data.errors import as_bad_data
 from volpre.data.dicom import scan_dicom
-from volpre.data.dicom_writer import write_dicom_series
+from volpre.demo.dicom_writer import write_dicom_series
 from volpre.data.errors import CacheError, VolumeError
 from volpre.data.manifest import ManifestEntry
 

@@ -75,7 +75,7 @@ def configs(bundle: Path, *names: str) -> str:
 
 @pytest.fixture(scope="session")
 def manifest(tmp_path_factory) -> Path:
-    from volpre.data.synthetic import write_demo_data
+    from volpre.demo.synthetic import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo6") / "data", subjects=6, seed=0)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from volpre.cli import build_parser
-from volpre.demo import (DEFAULT_PRETRAIN_STEPS, DEFAULT_SUBJECTS, FINETUNE_CT_WINDOW, MARKER, SURVIVAL_SUBJECTS,
+from volpre.demo.run import (DEFAULT_PRETRAIN_STEPS, DEFAULT_SUBJECTS, FINETUNE_CT_WINDOW, MARKER, SURVIVAL_SUBJECTS,
                          DemoError, run_demo)
 from volpre.data.manifest import load_manifest
 

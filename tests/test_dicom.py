@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1
 
 from volpre.data.dicom import load_dicom_series, scan_dicom, stack_affine
-from volpre.data.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
+from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
 from volpre.data.errors import VolumeError
 from volpre.data.readers import read_header, read_volume
 

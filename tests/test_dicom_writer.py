@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import UID
 
-from volpre.data.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
+from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
 
 AFFINE = np.array([[0.0, 0.0, 2.5, 5.0], [-0.7, 0.0, 0.0, 6.0], [0.0, -0.9, 0.0, 7.0], [0, 0, 0, 1]])
 

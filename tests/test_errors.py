@@ -11,7 +11,7 @@ from volpre.cli import UserError, main
 from volpre.config import ConfigError
 from volpre.data.errors import CacheError, VolumeError
 from volpre.data.manifest import ManifestError
-from volpre.demo import DemoError
+from volpre.demo.run import DemoError
 from volpre.engine.checkpoint import CheckpointError
 from volpre.engine.trainer import DivergenceError
 from volpre.errors import UserInputError, VolpreError

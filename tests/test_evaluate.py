@@ -57,7 +57,7 @@ def with_entries(manifest: Path, out: Path, change) -> Path:
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> Path:
-    from volpre.data.synthetic import write_demo_data
+    from volpre.demo.synthetic import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("evaluate_demo") / "data", subjects=8, seed=0)
 

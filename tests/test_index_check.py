@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from volpre.cli import main
 from volpre.data.check import check_entries
-from volpre.data.dicom_writer import deterministic_uid, write_dicom_series
+from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series
 from volpre.data.index import index_paths
 from volpre.data.manifest import load_manifest
 

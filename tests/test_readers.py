@@ -23,7 +23,7 @@ from monai.transforms import Orientation
 from nibabel.eulerangles import euler2mat
 
 from volpre.data import dicom as dicom_module
-from volpre.data.dicom_writer import write_dicom_series, write_multiframe_dicom
+from volpre.demo.dicom_writer import write_dicom_series, write_multiframe_dicom
 from volpre.data.errors import ERROR_KINDS, VolumeError
 from volpre.data.readers import read_header, read_volume, volume_format
 

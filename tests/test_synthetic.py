@@ -1,4 +1,4 @@
-"""Demo data (volpre.data.synthetic): determinism, manifest, formats, grids, tissue values, survival, splits.
+"""Demo data (volpre.demo.synthetic): determinism, manifest, formats, grids, tissue values, survival, splits.
 
 Images are read back with volpre's checked reader (nibabel, SimpleITK and pydicom underneath)
 and labels with the same reader, so a label that does not sit on its image's grid, or an image
@@ -24,7 +24,7 @@ from pydicom.uid import EnhancedCTImageStorage
 from volpre.data.errors import VolumeError
 from volpre.data.manifest import load_manifest
 from volpre.data.readers import read_volume
-from volpre.data.synthetic import (
+from volpre.demo.synthetic import (
     CT_LABELS,
     LESION_RADIUS_MM,
     MANIFEST_NAME,

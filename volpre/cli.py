@@ -73,7 +73,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from volpre.data.synthetic import write_demo_data
+    from volpre.demo.synthetic import write_demo_data
 
     try:
         manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed, size=args.size)
@@ -379,7 +379,7 @@ def _cmd_evaluate_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from volpre.demo import DemoError, run_demo
+    from volpre.demo.run import DemoError, run_demo
 
     try:
         epochs = {"segmentation": args.segmentation_epochs, "survival": args.survival_epochs}

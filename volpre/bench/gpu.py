@@ -80,7 +80,7 @@ def run_gpu_acceptance(out_dir: Path, steps: int = 30, warmup: int = 3, device: 
     """Run every case (but those whose name contains a ``skip`` word); write and return
     ``OUT_DIR/gpu_acceptance.json``: ``{"device", "torch", "cuda", "peak_bf16_tflops", "steps", "wall_s",
     "cases": [...], "skipped": [names], "failed": [names]}``."""
-    from volpre.data.synthetic import write_demo_data
+    from volpre.demo.synthetic import write_demo_data
 
     out_dir = Path(out_dir)
     (out_dir / "cases").mkdir(parents=True, exist_ok=True)

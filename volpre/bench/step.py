@@ -39,7 +39,7 @@ from volpre.config import RunConfig
 from volpre.data.cache import VolumeCache, build_cache, cache_dir_for
 from volpre.data.manifest import load_manifest
 from volpre.data.nnunet_plan import resolve_run_config
-from volpre.data.synthetic import write_demo_data
+from volpre.demo.synthetic import write_demo_data
 from volpre.engine.distributed import DistContext
 from volpre.engine.trainer import Pretraining
 from volpre.errors import UserInputError

@@ -2,7 +2,7 @@
 
 The demo data's CT phantoms are small (about 77 x 77 x 72 voxels of 5 mm). The data benchmarks
 need volumes of the size a scanner writes, so :func:`write_bench_ct` resamples the demo CT
-phantoms (:func:`volpre.data.synthetic.write_demo_data`) to a finer grid (default 256 x 256 x
+phantoms (:func:`volpre.demo.synthetic.write_demo_data`) to a finer grid (default 256 x 256 x
 200 voxels of 1.4 x 1.4 x 1.6 mm), adds Gaussian noise of 12 HU (real CT noise, which is what
 makes CT hard to compress) and stores int16 HU, one gzip-compressed NIfTI per volume (about 16 MB
 each at the default size). Same arguments, same bytes.
@@ -23,7 +23,7 @@ from monai.transforms import ResizeWithPadOrCrop, Spacing
 
 from volpre.data.manifest import Manifest, ManifestEntry, load_manifest, save_manifest
 from volpre.data.readers import read_volume
-from volpre.data.synthetic import write_demo_data
+from volpre.demo.synthetic import write_demo_data
 from volpre.files import check_new_output
 
 DEFAULT_SHAPE = (256, 256, 200)

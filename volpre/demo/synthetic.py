@@ -87,7 +87,7 @@ import torch
 from monai.transforms import GaussianSmooth, RandBiasField
 from monai.transforms.utils import create_rotate
 
-from volpre.data.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
+from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
 from volpre.data.geometry import LPS_TO_RAS
 from volpre.data.manifest import TEST, TRAIN, VAL, Manifest, ManifestEntry, save_manifest
 from volpre.files import check_new_output

@@ -9,7 +9,7 @@ written to ``OUT/report.md``, and the same numbers in ``OUT/report.json``. Besid
 frozen pretrained encoder against the same encoder at random initialisation, on each cohort's
 ``train`` (fit) and ``val`` (score) splits.
 
-Two synthetic cohorts (:mod:`volpre.data.synthetic`, realistic HU values and anatomy; never
+Two synthetic cohorts (:mod:`volpre.demo.synthetic`, realistic HU values and anatomy; never
 tuned for this demo):
 
 - ``OUT/data``: :data:`DEFAULT_SUBJECTS` subjects of full-size torso CTs and head MRs. Their
@@ -46,7 +46,7 @@ from volpre.config import load_config
 from volpre.data.check import check_entries
 from volpre.data.index import index_paths
 from volpre.data.manifest import TEST, load_manifest
-from volpre.data.synthetic import CT_LABELS, write_demo_data
+from volpre.demo.synthetic import CT_LABELS, write_demo_data
 from volpre.engine.trainer import pretrain
 from volpre.errors import VolpreError
 from volpre.evaluate.probe import compare_with_random_init, probe_table
@@ -68,7 +68,7 @@ SURVIVAL_VAL_FRACTION = 0.1
 """Splits of the survival cohort: 32 test, 8 val, 40 train subjects of 80."""
 SURVIVAL_SEED_OFFSET = 1
 """The survival cohort is drawn with seed ``seed + 1``: other subjects than the ones pretraining saw."""
-SEGMENTATION_CLASSES = 3  # background, liver, lesion (volpre.data.synthetic.CT_LABELS)
+SEGMENTATION_CLASSES = 3  # background, liver, lesion (volpre.demo.synthetic.CT_LABELS)
 CLASS_NAMES = {value: name for name, value in CT_LABELS.items()}
 FINETUNE_CT_WINDOW = (-175.0, 250.0)
 """HU window of fine-tuning (MONAI's Swin UNETR BTCV recipe); pretraining keeps [-1000, 1000]."""
