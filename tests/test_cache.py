@@ -36,6 +36,7 @@ from volpre.data.cache import (
     read_crop,
     source_files,
     to_storage,
+    voxels_crc32,
 )
 from volpre.data.dataset import BadEntryLog, OnTheFlyCrops, PretrainDataset, VolumeGroups
 from volpre.data.errors import VolumeError
@@ -298,6 +299,15 @@ def test_corrupt_voxels_are_detected_before_a_crop_is_cut_and_rebuilt(files, tmp
             in caplog.text)
     _assert_close(crops, OnTheFlyCrops(PRE, data)(entry, 2, np.random.default_rng(1)), "CT")
     assert VolumeCache.create(tmp_path / "cache", PRE).ensure(entry).reason == "up to date"
+
+
+def test_voxel_checksum_reads_in_slabs_and_equals_zlib_over_the_c_order_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_module, "CRC_SLAB_BYTES", 1000)  # many slabs, one of them short
+    voxels = np.random.default_rng(0).integers(-1024, 3071, size=(2, 37, 9, 7)).astype(np.int16)
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.create_dataset("image", data=voxels)
+        assert voxels_crc32(f["image"]) == voxels_crc32(voxels) == zlib.crc32(voxels.tobytes())
+    assert voxels_crc32(voxels[:1].astype(np.float16)) == zlib.crc32(voxels[:1].astype(np.float16).tobytes())
 
 
 def test_ensure_rechecks_an_entry_this_process_validated_before(files, tmp_path):

@@ -202,12 +202,13 @@ def warm_stage_times(setup: DataBenchSetup, warm: dict) -> dict[str, float]:
     """Milliseconds per crop of each stage of the warm crop path, timed in this process with one
     torch thread, as a DataLoader worker runs it.
 
-    ``open``: :meth:`VolumeCache.load` of an entry this process has validated (an HDF5 open and a
-    ``stat``) and its close; ``read``, ``convert``, ``window``: the stages of
+    ``open``: :meth:`VolumeCache.load` of an entry this process has validated (an HDF5 open and an
+    ``fstat``) and its close; ``read``, ``convert``, ``window``: the stages of
     :func:`~volpre.data.cache.read_crop`; ``stages``: their sum; ``loader_other``: what the
-    DataLoader adds per crop, derived from the measured warm rate as ``workers / crops_per_s``
-    minus ``stages`` (collation, the transfer between processes, Python; the main process's share
-    of the CPUs too, so it is an estimate, and 0 without workers is the main process's own time).
+    DataLoader adds per crop, derived from the measured warm rate as ``max(workers, 1) /
+    crops_per_s`` minus ``stages`` (collation, the transfer between processes, Python, and the
+    main process's share of the CPUs: an estimate; without workers, the main process's own
+    overhead).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
