@@ -90,7 +90,8 @@ class DataConfig:
     micro-batch holds ``batch_size * crops_per_volume`` crops and a step ``grad_accum`` micro-batches
     (the global batch is that times the world size)."""
     num_workers: int = 4
-    """DataLoader worker processes per training process."""
+    """DataLoader worker processes per training process, at most its share of the node's CPUs
+    (``volpre.data.dataset.loader_workers``)."""
     on_bad_entry: Literal["skip", "fail"] = "skip"
     """A volume that fails its checks mid-run: skip it and record it, or stop the run."""
     cache_dir: str | None = None

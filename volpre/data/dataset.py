@@ -310,8 +310,8 @@ def loader_workers(requested: int, processes_per_node: int = 1) -> int:
     this process's share of :func:`available_cpus` among the ``processes_per_node`` training
     processes of its node (at least 1; 0 stays 0, crops in the main process).
 
-    More workers than CPUs only take turns on them: the shipped configs ask for 8, which on a
-    2-core machine made 8 processes (and their memory) for the throughput of 2.
+    More workers than CPUs only take turns on them: the shipped ``swin-dae`` config asks for 8,
+    which on a 2-core machine made 8 processes (and their memory) for the throughput of 2.
     """
     if requested == 0:
         return 0

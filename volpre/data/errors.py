@@ -131,8 +131,8 @@ class StopRun:
     """An error that stops the run, raised in a DataLoader worker, carried out of it as a value.
 
     torch re-raises a worker's exception as ``type(error)(its traceback as text)``, which turns a
-    one-line error meant for the user (a full cache disk) into a traceback; :func:`crop_loader`
-    raises ``error`` itself in the main process instead.
+    one-line error meant for the user (a full cache disk) into a traceback;
+    :func:`volpre.data.dataset.crop_loader` raises ``error`` itself in the main process instead.
     """
 
     error: BaseException
