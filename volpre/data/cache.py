@@ -110,8 +110,10 @@ from volpre.text import one_line, printable
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2
-"""Version of the layout above; entries of another format are rebuilt (1: LZF-compressed chunks)."""
+CACHE_FORMAT = 3
+"""Version of the layout and of what it holds; entries of another format are rebuilt (1: LZF-compressed
+chunks; 2: resampled by MONAI's ``grid_sample``, voxels within float rounding of format 3's, which
+are resampled by :class:`volpre.data.resample.AxisAlignedSpacingd`)."""
 HEAD_BYTES = 8192
 """Bytes of each source file hashed into the source identity (headers sit at the start)."""
 RECORD_ATTR = "volpre_cache"

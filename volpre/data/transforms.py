@@ -4,7 +4,8 @@ A volume goes through two stages:
 
 1. **Deterministic** (:func:`preprocess_transforms`; run once per volume and cached):
    read with volpre's checked reader (RAS, HU for CT) -> resample to ``spacing`` (labels with
-   nearest neighbour) -> crop to the foreground -> MR only: clip to intensity percentiles and
+   nearest neighbour; MONAI's ``Spacingd`` grid and trace, computed by separable interpolation:
+   :mod:`volpre.data.resample`) -> crop to the foreground -> MR only: clip to intensity percentiles and
    z-score over the foreground. CT stays in Hounsfield units here, so a cache can hold int16.
 2. **Random** (every visit): pad to the crop size -> ``crops_per_volume`` random crops -> CT
    only: clip to the HU window and scale to [0, 1]. It comes in two halves, so that a cache can
@@ -32,13 +33,13 @@ from monai.transforms import (
     CropForegroundd,
     MapTransform,
     ScaleIntensityRange,
-    Spacingd,
     SpatialPadd,
 )
 
 from volpre.config import DataConfig, PreprocessConfig
 from volpre.data.errors import VolumeError
 from volpre.data.readers import read_volume
+from volpre.data.resample import AxisAlignedSpacingd
 
 SUPPORTED_MODALITIES = ("CT", "MR")
 CT_FOREGROUND_HU = -500.0
@@ -182,7 +183,7 @@ def preprocess_transforms(cfg: PreprocessConfig, modality: str, with_label: bool
     modes = ["bilinear", "nearest"] if with_label else ["bilinear"]
     transforms: list = [
         LoadVolumed(),
-        Spacingd(keys, pixdim=cfg.spacing, mode=modes, padding_mode="border", dtype=np.float32),
+        AxisAlignedSpacingd(keys, pixdim=cfg.spacing, mode=modes, padding_mode="border", dtype=np.float32),
     ]
     if cfg.crop_foreground:
         selector = CTForeground() if modality == "CT" else MRForeground()
