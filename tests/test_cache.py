@@ -42,12 +42,13 @@ from volpre.data.dataset import BadEntryLog, OnTheFlyCrops, PretrainDataset, Vol
 from volpre.data.errors import VolumeError
 from volpre.data.manifest import Manifest, ManifestEntry, save_manifest
 from volpre.data.readers import gunzip
-from volpre.data.transforms import crops_at, draw_crop_starts
+from volpre.data.transforms import CROP_DTYPE, crops_at, draw_crop_starts
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 PRE = PreprocessConfig(spacing=(4.0, 4.0, 3.0))
-CT_TOLERANCE = 0.5 / (PRE.ct_window[1] - PRE.ct_window[0]) + 1e-6
-"""int16 rounding of HU (<= 0.5 HU) seen through the CT window."""
+CT_TOLERANCE_HU = 1.0 + 1e-6
+"""Crops are float16 HU: the cache's int16 rounding (<= 0.5 HU) plus float16's of the on-the-fly
+crop's float32 HU (<= 0.5 HU below 2048 HU)."""
 
 
 def _ct_volume(seed: int = 0, shape=(40, 36, 24)) -> np.ndarray:
@@ -82,9 +83,9 @@ def _assert_close(cached, reference, modality):
     assert len(cached) == len(reference)
     for a, b in zip(cached, reference):
         assert type(a) is type(b) is torch.Tensor  # plain tensors: CT and MR crops collate together
-        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert a.dtype == b.dtype == CROP_DTYPE and a.shape == b.shape
         if modality == "CT":
-            assert float((a - b).abs().max()) <= CT_TOLERANCE
+            assert float((a.float() - b.float()).abs().max()) <= CT_TOLERANCE_HU
         else:  # float16 storage: relative rounding 2^-11
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2.0**-11, atol=1e-7)
 

@@ -14,6 +14,7 @@ from volpre.data.dataset import (BadEntryLog, InfiniteShardSampler, PretrainData
                                  loader_workers)
 from volpre.data.errors import VolumeError
 from volpre.data.manifest import ManifestEntry
+from volpre.data.transforms import CROP_DTYPE
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def _dataset(files, tmp_path, on_bad="skip", by_subject=False, bad=True):
 def test_items_are_a_pure_function_of_seed_epoch_and_item(files, tmp_path):
     dataset, _ = _dataset(files, tmp_path, bad=False)
     a, b, c = dataset[(0, 1)], dataset[(0, 1)], dataset[(1, 1)]
-    assert len(a) == 2 and a[0]["image"].shape == (1, 16, 16, 16) and a[0]["image"].dtype == torch.float32
+    assert len(a) == 2 and a[0]["image"].shape == (1, 16, 16, 16) and a[0]["image"].dtype == CROP_DTYPE
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
     assert not all(torch.equal(x["image"], y["image"]) for x, y in zip(a, c))
     assert item_seed(7, 0, 1) != item_seed(7, 1, 0)

@@ -21,6 +21,7 @@ from volpre.cli import main
 from volpre.config import load_config
 from volpre.data.dataset import PretrainDataset
 from volpre.data.manifest import load_manifest
+from volpre.data.transforms import CropWindow
 from volpre.engine import checkpoint as checkpoint_module
 from volpre.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from volpre.engine.ema import build_ema, update_ema
@@ -51,6 +52,7 @@ def _fixed_batch_loss(cfg, state: dict | None, manifest: Path) -> float:
     dataset = PretrainDataset(groups, cfg.preprocess, cfg.data, seed=123)
     crops = [c for i in range(len(groups)) for c in dataset[(0, i)]]
     batch = {key: torch.stack([c[key] for c in crops]) for key in crops[0]}
+    batch["image"] = CropWindow(cfg.preprocess, groups.modality_classes)(batch["image"], batch["modality"])
     with torch.no_grad():
         return float(draw_and_forward(model, batch, torch.Generator().manual_seed(5)).loss)
 

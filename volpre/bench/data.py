@@ -18,6 +18,11 @@ them in the page cache. Cold pipelines make exactly one pass; the others make pa
 (volpre's) and ``int16_bytes`` (the preprocessed voxels at 2 bytes each). ``volpre_warm`` also
 holds ``stages_ms_per_crop`` (:func:`warm_stage_times`): where a warm crop's time goes.
 
+What a crop is at the end differs as the pipelines are built: MONAI's pipelines hand out float32
+crops windowed in the workers; volpre's hand out float16 HU crops, which the training process
+windows on its device (:class:`~volpre.data.transforms.CropWindow`; its CPU cost per crop is
+``stages_ms_per_crop["window_in_step"]``, not counted in volpre's crops/s).
+
 The reference reads files with MONAI's ``LoadImaged``, which reads NIfTI without ITK: the
 benchmark uses the manifest's CT entries stored as one NIfTI file (others are listed as skipped).
 """
@@ -56,7 +61,7 @@ from volpre.bench.isolated import run_isolated
 from volpre.config import DataConfig, PreprocessConfig, RunConfig
 from volpre.data.cache import CachedCrops, VolumeCache, build_cache, entries_to_cache, read_crop
 from volpre.data.dataset import PretrainDataset, VolumeGroups, available_cpus, crop_loader, loader_workers
-from volpre.data.transforms import draw_crop_starts
+from volpre.data.transforms import CROP_DTYPE, CropWindow, draw_crop_starts
 from volpre.data.manifest import ManifestEntry, load_manifest
 from volpre.errors import UserInputError
 from volpre.text import printable
@@ -196,6 +201,22 @@ def measure_volpre(setup: DataBenchSetup, cold: bool) -> dict:
 
 STAGE_CROPS = 64
 """Crops :func:`warm_stage_times` times (after as many untimed ones)."""
+WINDOW_BATCH = 8
+"""Crops per batch when :func:`warm_stage_times` times the training process's CT window."""
+
+
+def _window_seconds_per_crop(setup: DataBenchSetup, repeats: int = 4) -> float:
+    """Seconds per crop of :class:`CropWindow` on a CPU batch of float16 HU crops (best of ``repeats``)."""
+    window = CropWindow(setup.preprocess, ["CT"])
+    crops = torch.linspace(-1024, 2048, WINDOW_BATCH * int(np.prod(setup.data.roi)), dtype=torch.float32)
+    crops = crops.to(CROP_DTYPE).reshape(WINDOW_BATCH, 1, *setup.data.roi)
+    modality = torch.zeros(WINDOW_BATCH, dtype=torch.int64)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        window(crops, modality)
+        best = min(best, time.perf_counter() - start)
+    return best / WINDOW_BATCH
 
 
 def warm_stage_times(setup: DataBenchSetup, warm: dict) -> dict[str, float]:
@@ -203,12 +224,14 @@ def warm_stage_times(setup: DataBenchSetup, warm: dict) -> dict[str, float]:
     torch thread, as a DataLoader worker runs it.
 
     ``open``: :meth:`VolumeCache.load` of an entry this process has validated (an HDF5 open and an
-    ``fstat``) and its close; ``read``, ``convert``, ``window``: the stages of
-    :func:`~volpre.data.cache.read_crop`; ``stages``: their sum; ``loader_other``: what the
-    DataLoader adds per crop, derived from the measured warm rate as ``max(workers, 1) /
-    crops_per_s`` minus ``stages`` (collation, the transfer between processes, Python, and the
-    main process's share of the CPUs: an estimate; without workers, the main process's own
-    overhead).
+    ``fstat``) and its close; ``read``, ``convert``: the stages of
+    :func:`~volpre.data.cache.read_crop` (the region read, its float16 copy); ``stages``: their sum;
+    ``loader_other``: what the DataLoader adds per crop, derived from the measured warm rate as
+    ``max(workers, 1) / crops_per_s`` minus ``stages`` (collation, the transfer between processes,
+    Python, and the main process's share of the CPUs: an estimate; without workers, the main
+    process's own overhead). ``window_in_step``: not a worker's stage: the CT window that the
+    training process applies to each batch on its device (:class:`~volpre.data.transforms.CropWindow`),
+    timed here on the CPU with one thread per crop of a batch of :data:`WINDOW_BATCH`.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -216,7 +239,7 @@ def warm_stage_times(setup: DataBenchSetup, warm: dict) -> dict[str, float]:
         cache = VolumeCache(setup.volpre_dir, setup.preprocess)
         sources = list(entries_to_cache(setup.entries))
         rng = np.random.default_rng(setup.seed)
-        totals = dict.fromkeys(("open", "read", "convert", "window"), 0.0)
+        totals = dict.fromkeys(("open", "read", "convert"), 0.0)
         for index in range(2 * STAGE_CROPS):
             entry = sources[index % len(sources)]
             times = [time.perf_counter()]
@@ -229,14 +252,16 @@ def warm_stage_times(setup: DataBenchSetup, warm: dict) -> dict[str, float]:
             stored.close()
             if index >= STAGE_CROPS:  # the first ones warm the page cache and validate every entry
                 totals["open"] += times[1] - times[0] + time.perf_counter() - before_close
-                for name, (a, b) in zip(("read", "convert", "window"), zip(times[1:], times[2:])):
+                for name, (a, b) in zip(("read", "convert"), zip(times[1:], times[2:])):
                     totals[name] += b - a
+        window_s = _window_seconds_per_crop(setup)
     finally:
         torch.set_num_threads(threads)
     stages = {name: 1000.0 * total / STAGE_CROPS for name, total in totals.items()}
     stages["stages"] = sum(stages.values())
     workers = max(setup.data.num_workers, 1)
     stages["loader_other"] = max(0.0, 1000.0 * workers / warm["crops_per_s"] - stages["stages"])
+    stages["window_in_step"] = 1000.0 * window_s
     return {name: round(value, 3) for name, value in stages.items()}
 
 

@@ -35,6 +35,8 @@ by the plan's preprocessing record instead of the ``preprocess`` section, and cr
 **Rounding** (the only difference from the volume the presets compute in memory): CT HU are
 rounded to integers (|error| <= 0.5 HU, i.e. <= 0.5 / (window high - window low) after the
 window: 2.5e-4 for the default [-1000, 1000]); MR z-scores to float16 (relative error <= 2^-11).
+Crops leave :func:`read_crop` as float16 (:data:`~volpre.data.transforms.CROP_DTYPE`, exact for
+these values within [-2048, 2048] HU) and are windowed on the training device.
 
 **Validity.** An entry is used only if its file opens, its record matches the current format,
 versions, config and entry, its shape and dtype match the record, its voxels' CRC-32 equals the
@@ -89,7 +91,6 @@ import h5py
 import monai
 import numpy as np
 import torch
-from monai.utils import convert_to_tensor
 
 from volpre import __version__
 from volpre.config import ConfigError, DataConfig, PreprocessConfig, config_hash
@@ -98,11 +99,11 @@ from volpre.data.manifest import ManifestEntry, entry_record
 from volpre.data.nnunet_plan import NNUNetPlan
 from volpre.data.readers import source_files
 from volpre.data.transforms import (
+    CROP_DTYPE,
     check_modality,
     draw_crop_starts,
     padding_before,
     preprocess_transforms,
-    window_transform,
 )
 from volpre.files import describe_write_error, fsync_folder
 from volpre.progress import Progress
@@ -466,13 +467,14 @@ def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Seque
         roi: crop size ``(X, Y, Z)``.
 
     Returns:
-        plain float32 tensor ``(C, *roi)``: CT windowed to [0, 1], MR z-scores. Voxels outside the volume are
-        padded as ``crops_at`` pads (CT: the window's low end; MR: the nearest border
-        voxel), which reproduces MONAI's symmetric ``SpatialPad`` followed by the crop. With an nnU-Net
-        ``plan``: the stored values as they are, padded with 0.
+        plain :data:`~volpre.data.transforms.CROP_DTYPE` tensor ``(C, *roi)``: CT in HU, MR z-scores
+        (windowed later, on the training device: :class:`~volpre.data.transforms.CropWindow`). Voxels
+        outside the volume are padded as ``crops_at`` pads (CT: the window's low end; MR: the nearest
+        border voxel), which reproduces MONAI's symmetric ``SpatialPad`` followed by the crop. With an
+        nnU-Net ``plan``: the stored values as they are, padded with 0.
 
-    ``mark`` (benchmarks) is called with ``"read"``, ``"convert"`` and ``"window"`` as each stage
-    ends: the region read from the stored volume, its float32 copy (and padding), the CT window.
+    ``mark`` (benchmarks) is called with ``"read"`` and ``"convert"`` as each stage ends: the region
+    read from the stored volume, its float16 copy (and padding).
     """
     shape = np.asarray(image.shape[1:], dtype=np.int64)
     size = np.asarray(roi, dtype=np.int64)
@@ -481,7 +483,7 @@ def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Seque
     stored = image[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     if mark is not None:
         mark("read")
-    region = np.asarray(stored, dtype=np.float32)
+    region = torch.from_numpy(np.asarray(stored)).to(CROP_DTYPE).numpy()  # then padded as the window's low end
     pad = [(0, 0)] + [(int(a), int(b)) for a, b in zip(lo - first, first + size - hi)]
     if any(p != (0, 0) for p in pad):
         if plan is not None:
@@ -490,15 +492,9 @@ def read_crop(image: h5py.Dataset | np.ndarray, start: Sequence[int], roi: Seque
             region = np.pad(region, pad, mode="constant", constant_values=preprocess.ct_window[0])
         else:
             region = np.pad(region, pad, mode="edge")
-    crop = torch.from_numpy(region)
+    crop = torch.from_numpy(np.ascontiguousarray(region))
     if mark is not None:
         mark("convert")
-    window = None if plan is not None else window_transform(preprocess, modality)
-    if window is not None:
-        crop = convert_to_tensor(window(crop), track_meta=False)
-    crop = crop.contiguous()
-    if mark is not None:
-        mark("window")
     return crop
 
 

@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 class CropSource(Protocol):
     """Cuts ``count`` random crops of one entry's preprocessed volume.
 
-    ``source(entry, count, rng)`` -> ``count`` float32 tensors ``(C, *data.roi)`` (CT windowed to
-    [0, 1], MR z-scores), whose corners come from ``draw_crop_starts(shape, roi, count, rng)``:
+    ``source(entry, count, rng)`` -> ``count`` float16 tensors ``(C, *data.roi)`` (CT in HU, MR
+    z-scores; :data:`~volpre.data.transforms.CROP_DTYPE`, windowed later on the training device by
+    :class:`~volpre.data.transforms.CropWindow`), whose corners come from ``draw_crop_starts(shape, roi, count, rng)``:
     a pure function of ``rng``'s state and the volume. Raises (typically
     :class:`~volpre.data.errors.VolumeError`) when the entry cannot be read or preprocessed.
     """
@@ -169,7 +170,9 @@ class BadEntryLog:
 class PretrainDataset(torch.utils.data.Dataset):
     """``dataset[(epoch, item)]`` -> list of ``crops_per_volume`` crop dicts.
 
-    Each crop: ``image`` float32 tensor ``(C, *roi)`` (CT in [0, 1], MR z-scored) and four int64
+    Each crop: ``image`` float16 tensor ``(C, *roi)`` (CT in HU, MR z-scored: the intensities as
+    cached; :class:`~volpre.data.transforms.CropWindow` windows a batch of them on the training
+    device, the trainer's :class:`~volpre.engine.batches.DevicePrefetcher` calls it) and four int64
     scalar tensors: ``subject`` (index of the item's subject), ``modality`` (its entry's modality
     class id, :meth:`VolumeGroups.modality_id`, for the DAE's cross-modal contrastive loss),
     ``item`` (the dataset item it belongs to) and ``scan`` (the entry it was cut from: its position

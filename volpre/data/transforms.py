@@ -8,13 +8,15 @@ A volume goes through two stages:
    :mod:`volpre.data.resample`) -> crop to the foreground -> MR only: clip to intensity percentiles and
    z-score over the foreground. CT stays in Hounsfield units here, so a cache can hold int16.
 2. **Random** (every visit): pad to the crop size -> ``crops_per_volume`` random crops -> CT
-   only: clip to the HU window and scale to [0, 1]. It comes in two halves, so that a cache can
+   only: clip to the HU window and scale to [0, 1] (:class:`CropWindow`, on the training device:
+   crops travel between processes as float16 intensities). It comes in two halves, so that a cache can
    cut the very same crops without loading a whole volume: :func:`draw_crop_starts` draws the
    corners (a pure function of the generator it is given, distributed as MONAI's
    ``RandSpatialCropSamplesd`` draws them), :func:`crops_at` cuts them from a whole volume with
-   MONAI's ``SpatialPadd`` and the window (``volpre.data.cache`` reads them from disk instead).
+   MONAI's ``SpatialPadd`` (``volpre.data.cache`` reads them from disk instead).
 
-Output of stage 2 per crop: float32 ``(C, *roi)``; CT in [0, 1], MR z-scores (roughly [-3, 5]).
+Output of stage 2 per crop: float16 ``(C, *roi)`` from the workers (CT in HU, MR z-scores), float32
+after :class:`CropWindow` on the device (CT in [0, 1], MR z-scores, roughly [-3, 5]).
 
 The deterministic preset is a MONAI ``Compose``, so bundle configs and user code use it as they
 use any MONAI transform (the bundles do: ``volpre.export.transforms``).
@@ -242,30 +244,63 @@ def draw_crop_starts(shape: Sequence[int], roi: Sequence[int], count: int, rng: 
     return rng.integers(0, high, size=(count, 3), dtype=np.int64)
 
 
+CROP_DTYPE = torch.float16
+"""dtype of crops between the DataLoader's processes: half the bytes of float32 through shared
+memory. Exact for the cache's int16 CT HU within [-2048, 2048] (beyond, steps of 2 HU up to 4096)
+and for its float16 MR; on-the-fly crops of float32 HU round by at most 0.25 HU within
+[-1024, 1024] (the cache rounds by 0.5)."""
+
+
 def crops_at(volume: torch.Tensor, starts: np.ndarray, preprocess: PreprocessConfig, data: DataConfig,
              modality: str) -> list[torch.Tensor]:
     """Cut crops at given corners from a whole preprocessed volume, as the random stage does.
 
     The volume is padded with MONAI's ``SpatialPadd`` (CT with the window's lower bound, i.e. air;
-    MR by repeating its border), each ``data.roi`` crop is cut at its corner (from
-    :func:`draw_crop_starts`) and CT is windowed.
+    MR by repeating its border) and each ``data.roi`` crop is cut at its corner (from
+    :func:`draw_crop_starts`). The CT window follows on the training device (:class:`CropWindow`).
 
     Args:
         volume: ``(C, X, Y, Z)`` output of :func:`preprocess_transforms` (CT in HU, MR z-scored).
         starts: int ``(N, 3)`` corners in padded coordinates.
 
     Returns:
-        ``N`` plain float32 tensors (not MetaTensors) ``(C, *roi)``: CT in [0, 1], MR z-scores.
+        ``N`` plain :data:`CROP_DTYPE` tensors (not MetaTensors) ``(C, *roi)``: CT in HU, MR z-scores.
     """
     check_modality(modality, "preset")
     padded = Compose(_pad_transforms(preprocess, data, modality, with_label=False))({"image": volume})["image"]
     padded = convert_to_tensor(padded, track_meta=False)
-    window = window_transform(preprocess, modality)
     rx, ry, rz = data.roi
-    crops = []
-    for x, y, z in np.asarray(starts, dtype=np.int64).tolist():
-        crop = padded[:, x : x + rx, y : y + ry, z : z + rz].float()
-        if window is not None:
-            crop = convert_to_tensor(window(crop), track_meta=False)
-        crops.append(crop.contiguous())
-    return crops
+    return [padded[:, x : x + rx, y : y + ry, z : z + rz].to(CROP_DTYPE).contiguous()
+            for x, y, z in np.asarray(starts, dtype=np.int64).tolist()]
+
+
+class CropWindow:
+    """The intensity step after the crop, applied to a batch on the training device.
+
+    Crops travel from the DataLoader's workers as :data:`CROP_DTYPE` intensities (CT in HU, MR
+    z-scores, or an nnU-Net plan's normalised values); here they become float32, and the CT crops
+    of the batch are clipped to ``ct_window`` and scaled to [0, 1] with MONAI's
+    ``ScaleIntensityRange`` (:func:`window_transform`, the same arithmetic as before the crops
+    left the workers). With an nnU-Net plan nothing is windowed (the cache holds normalised values).
+
+    Args:
+        preprocess: the run's preprocessing (``ct_window``).
+        modality_classes: the names of ``batch["modality"]``'s ids
+            (:attr:`volpre.data.dataset.VolumeGroups.modality_classes`: ``CT``, ``MR``, ``MR/T2``, ...).
+        windowed: False for an nnU-Net plan's cache.
+    """
+
+    def __init__(self, preprocess: PreprocessConfig, modality_classes: Sequence[str], windowed: bool = True):
+        self.window = window_transform(preprocess, "CT")
+        self.is_ct = torch.tensor([windowed and name.split("/")[0] == "CT" for name in modality_classes])
+
+    def __call__(self, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """``image`` ``(B, C, X, Y, Z)`` crops, ``modality`` ``(B,)`` class ids -> float32 ``(B, C, X, Y, Z)``."""
+        image = image.float()
+        is_ct = self.is_ct.to(image.device)[modality.to(image.device)]
+        if not bool(is_ct.any()):
+            return image
+        windowed = convert_to_tensor(self.window(image), track_meta=False)
+        if bool(is_ct.all()):
+            return windowed
+        return torch.where(is_ct.view(-1, *([1] * (image.dim() - 1))), windowed, image)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -37,30 +37,40 @@ def _record_stream(batch: Any, stream: torch.cuda.Stream) -> None:
 
 
 class DevicePrefetcher:
-    """Iterates host batches and hands them out already on ``device``.
+    """Iterates host batches and hands them out already on ``device``, their crops windowed.
 
-    On CUDA the copy of batch ``n + 1`` runs on a side stream while step ``n`` computes (the
-    DataLoader should pin memory). On the CPU it is a plain pass-through.
+    ``window`` (:class:`volpre.data.transforms.CropWindow`) turns ``batch["image"]``, the crops
+    as they left the workers (float16 intensities), into the float32 model input on the device,
+    given ``batch["modality"]``; ``None`` leaves images as they come. On CUDA the copy and window
+    of batch ``n + 1`` run on a side stream while step ``n`` computes (the DataLoader should pin
+    memory). On the CPU they run when the batch is asked for.
     """
 
-    def __init__(self, batches: Iterator[Any], device: torch.device, channels_last: bool = False):
-        self.batches, self.device, self.channels_last = batches, device, channels_last
+    def __init__(self, batches: Iterator[Any], device: torch.device, channels_last: bool = False,
+                 window: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+        self.batches, self.device, self.channels_last, self.window = batches, device, channels_last, window
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._next: Any = None
         if self.stream is not None:
             self._preload()
 
+    def _on_device(self, host: Any) -> Any:
+        batch = to_device(host, self.device)
+        if self.window is not None:
+            batch = {**batch, "image": self.window(batch["image"], batch["modality"])}
+        return to_device(batch, self.device, self.channels_last)  # already there: the memory format only
+
     def _preload(self) -> None:
         host = next(self.batches)
         with torch.cuda.stream(self.stream):
-            self._next = to_device(host, self.device, self.channels_last)
+            self._next = self._on_device(host)
 
     def __iter__(self) -> "DevicePrefetcher":
         return self
 
     def __next__(self) -> Any:
         if self.stream is None:
-            return to_device(next(self.batches), self.device, self.channels_last)
+            return self._on_device(next(self.batches))
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         batch = self._next
         _record_stream(batch, torch.cuda.current_stream(self.device))

@@ -49,6 +49,7 @@ from volpre.data.cache import CachedCrops, VolumeCache, cache_dir_for
 from volpre.data.dataset import BadEntryLog, InfiniteShardSampler, PretrainDataset, crop_loader
 from volpre.data.manifest import ManifestError, load_manifest
 from volpre.data.nnunet_plan import NNUNetPlan, resolve_run_config
+from volpre.data.transforms import CropWindow
 from volpre.engine.batches import DevicePrefetcher, StepBatches
 from volpre.engine.checkpoint import (
     CheckpointError,
@@ -448,7 +449,9 @@ class Pretraining:
                                        start=self.step * self.items_per_step)
         loader = crop_loader(dataset, sampler, cfg.data, pin_memory=ctx.device.type == "cuda",
                              processes_per_node=ctx.processes_per_node)
-        return StepBatches(DevicePrefetcher(iter(loader), ctx.device, cfg.train.channels_last), cfg.train.grad_accum)
+        window = CropWindow(cfg.preprocess, self.groups.modality_classes, windowed=self.plan is None)
+        return StepBatches(DevicePrefetcher(iter(loader), ctx.device, cfg.train.channels_last, window),
+                           cfg.train.grad_accum)
 
     # ------------------------------------------------------------------ step
 
