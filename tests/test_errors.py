@@ -7,7 +7,8 @@ import pytest
 
 from volpre.bench.data import BenchError
 from volpre.bench.step import BenchInputError
-from volpre.cli import UserError, main
+from volpre.cli import main
+from volpre.commands.options import UserError
 from volpre.config import ConfigError
 from volpre.data.errors import CacheError, VolumeError
 from volpre.data.manifest import ManifestError
