@@ -6,18 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from volpre.commands.options import UserError, add_device_option, add_xyz_option, check_workers, to_stderr
-
-
-def _roi(text: str) -> tuple[int, int, int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 3) or any(v < 1 for v in values):
-        raise UserError(f"--roi takes one edge or three comma-separated sizes, all >= 1 (e.g. 64 or 96,96,64), "
-                        f"got {text!r}")
-    return tuple(values * 3 if len(values) == 1 else values)
+from volpre.commands.options import UserError, add_device_option, add_xyz_option, check_sizes, check_workers, to_stderr
 
 
 def _check_steps(args: argparse.Namespace) -> None:
@@ -37,7 +26,8 @@ def run_data(args: argparse.Namespace) -> int:
     workers = check_workers(cfg.data.num_workers if args.workers is None else args.workers)
     if args.min_seconds <= 0:
         raise UserError(f"--min-seconds must be > 0, got {args.min_seconds}")
-    results = run_data_bench(args.manifest, cfg, _roi(args.roi), workers, pipelines, args.min_seconds, say=to_stderr)
+    results = run_data_bench(args.manifest, cfg, check_sizes("--roi", args.roi), workers, pipelines, args.min_seconds,
+                             say=to_stderr)
     print(format_table(results))
     if args.json is not None:
         write_json(results, args.json)
@@ -120,7 +110,7 @@ def _add_data(bsub) -> None:
                         "volpre's loader building its cache and (d) volpre's loader on the built cache. Prints a "
                         "table with ratios against (a).")
     q.add_argument("manifest", type=Path)
-    q.add_argument("--roi", required=True, metavar="R", help="crop size: one edge (64) or X,Y,Z (96,96,64)")
+    add_xyz_option(q, "--roi", int, required=True, help="crop size in voxels, e.g. 96 96 64")
     q.add_argument("--workers", type=int, help="DataLoader workers of every pipeline (default: data.num_workers; "
                    "at most the CPUs available to this process, as in training)")
     _add_json_option(q)

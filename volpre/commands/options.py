@@ -47,6 +47,13 @@ def add_xyz_option(p: argparse.ArgumentParser, flag: str, type: type, **kwargs) 
     p.add_argument(flag, type=type, nargs=3, metavar=("X", "Y", "Z"), **kwargs)
 
 
+def check_sizes(flag: str, values: list[int]) -> tuple[int, int, int]:
+    """The values of an :func:`add_xyz_option` that counts voxels, each at least 1."""
+    if any(v < 1 for v in values):
+        raise UserError(f"{flag} takes three sizes X Y Z, each >= 1 (e.g. 96 96 64), got {' '.join(map(str, values))}")
+    return tuple(values)
+
+
 def add_network_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", choices=BUNDLE_NETWORKS,
                    help="default: the one fitting the task and the checkpoint's encoder")
