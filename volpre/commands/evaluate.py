@@ -10,39 +10,39 @@ from volpre.commands.options import (UserError, add_ct_window_option, add_device
                                      add_xyz_option, to_stderr)
 
 
+def _evaluate(work, *args, **kwargs):
+    """``work(*args, **kwargs)`` with its progress lines on stderr; an output folder that exists is the
+    user's input (an :class:`~volpre.evaluate.EvaluationError` is one already)."""
+    try:
+        return work(*args, say=to_stderr, **kwargs)
+    except FileExistsError as error:
+        raise UserError(str(error)) from error
+
+
 def run_label_efficiency(args: argparse.Namespace) -> int:
-    from volpre.evaluate import EvaluationError, evaluate_label_efficiency, parse_bundle_overrides, results_table
+    from volpre.evaluate import evaluate_label_efficiency, parse_bundle_overrides, results_table
 
     try:
         fractions = [float(text) for text in args.fractions.split(",")]
     except ValueError as error:
         raise UserError(f"--fractions: got {args.fractions!r}; expected comma-separated numbers in (0, 1], "
                         "e.g. 0.1,0.25,1.0") from error
-    try:
-        results = evaluate_label_efficiency(
-            args.pretrained, args.manifest, args.out, args.task, fractions, args.seeds, max_steps=args.max_steps,
-            network=args.network, modality=args.modality, out_channels=args.out_channels,
-            roi_size=tuple(args.roi) if args.roi else None, ct_window=tuple(args.ct_window) if args.ct_window else None,
-            overrides=parse_bundle_overrides(args.overrides),
-            say=to_stderr)
-    except (EvaluationError, FileExistsError) as error:
-        raise UserError(str(error)) from error
+    results = _evaluate(
+        evaluate_label_efficiency, args.pretrained, args.manifest, args.out, args.task, fractions, args.seeds,
+        max_steps=args.max_steps, network=args.network, modality=args.modality, out_channels=args.out_channels,
+        roi_size=tuple(args.roi) if args.roi else None, ct_window=tuple(args.ct_window) if args.ct_window else None,
+        overrides=parse_bundle_overrides(args.overrides))
     print(results_table(results))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'label_efficiency.png'}")
     return 0
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    from volpre.evaluate import EvaluationError
     from volpre.evaluate.probe import compare_with_random_init, probe_table
 
-    try:
-        results = compare_with_random_init(
-            args.pretrained, args.manifest, args.out, task=args.task, seeds=args.seeds, modality=args.modality,
-            weights=args.weights, device=args.device, max_entries=args.max_entries,
-            say=to_stderr)
-    except (EvaluationError, FileExistsError) as error:
-        raise UserError(str(error)) from error
+    results = _evaluate(compare_with_random_init, args.pretrained, args.manifest, args.out, task=args.task,
+                        seeds=args.seeds, modality=args.modality, weights=args.weights, device=args.device,
+                        max_entries=args.max_entries)
     print(probe_table(results))
     print(f"wrote {args.out / 'results.json'}")
     return 0
