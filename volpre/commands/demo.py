@@ -8,6 +8,10 @@ from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 0; 1 if a step of the demo failed (a :class:`~volpre.demo.run.DemoError`: a
+    fine-tuning run that failed or hung, problems ``volpre check`` found, scores it cannot read),
+    as ``volpre check`` exits 1 for problems in the data; 2 (via :func:`volpre.cli.main`) for the
+    user's input, as every command: an ``--out`` that is not a demo's, a number of subjects too small."""
     from volpre.demo.run import DemoError, run_demo
 
     try:

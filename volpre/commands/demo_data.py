@@ -13,7 +13,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed, size=args.size)
-    except (ValueError, FileExistsError) as error:
+    except FileExistsError as error:
         raise UserError(str(error)) from error
     print(f"wrote demo data for {args.subjects} subjects ({args.size}); manifest: {manifest}")
     return 0
