@@ -22,7 +22,7 @@ TINY = ["preprocess.spacing=[6.0,6.0,6.0]"]
 
 def test_bench_data_measures_every_pipeline_and_writes_json(demo_manifest, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["bench", "data", str(demo_manifest), "--roi", "16", "--workers", "1", "--min-seconds", "0.2",
+    argv = ["bench", "data", str(demo_manifest), "--roi", "16", "16", "16", "--workers", "1", "--min-seconds", "0.2",
             "--json", str(out), "--config", "swin-dae-tiny", *TINY]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -56,11 +56,14 @@ def test_bench_data_names_what_it_cannot_use(tmp_path, capsys):
     save_manifest(Manifest(entries=[ManifestEntry(image=(image,), id="mr", modality="MR")]), manifest)
     with pytest.raises(BenchError, match=r"m\.json: no CT entry stored as one NIfTI file to benchmark \(1 other"):
         run_data_bench(manifest, load_config("swin-dae-tiny"), (16, 16, 16), 0, say=lambda _: None)
-    assert main(["bench", "data", str(manifest), "--roi", "16", "--config", "swin-dae-tiny"]) == 2
+    assert main(["bench", "data", str(manifest), "--roi", "16", "16", "16", "--config", "swin-dae-tiny"]) == 2
     assert "no CT entry stored as one NIfTI file" in capsys.readouterr().err
-    assert main(["bench", "data", str(manifest), "--roi", "16,0,16", "--config", "swin-dae-tiny"]) == 2
-    assert "--roi takes one edge or three comma-separated sizes, all >= 1" in capsys.readouterr().err
-    assert main(["bench", "data", str(manifest), "--roi", "16", "--pipelines", "reference,fast"]) == 2
+    assert main(["bench", "data", str(manifest), "--roi", "16", "0", "16", "--config", "swin-dae-tiny"]) == 2
+    assert "--roi takes three sizes X Y Z, each >= 1 (e.g. 96 96 64), got 16 0 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # the comma spelling of other versions: X Y Z, as every 3-vector option
+        main(["bench", "data", str(manifest), "--roi", "16,16,16", "--config", "swin-dae-tiny"])
+    assert exit_.value.code == 2 and "argument --roi: expected 3 arguments" in capsys.readouterr().err
+    assert main(["bench", "data", str(manifest), "--roi", "16", "16", "16", "--pipelines", "reference,fast"]) == 2
     assert "--pipelines: unknown pipeline 'fast'; choose from reference, persistent" in capsys.readouterr().err
 
 

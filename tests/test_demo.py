@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from volpre.cli import build_parser
+from volpre.cli import build_parser, main
 from volpre.demo.run import (DEFAULT_PRETRAIN_STEPS, DEFAULT_SUBJECTS, FINETUNE_CT_WINDOW, MARKER, SURVIVAL_SUBJECTS,
-                         DemoError, run_demo)
+                         run_demo)
 from volpre.data.manifest import load_manifest
+from volpre.demo.synthetic import DemoInputError
 
 
 def test_demo_runs_the_whole_path(tmp_path, capsys):
@@ -77,8 +78,20 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
     other = tmp_path / "precious"
     other.mkdir()
     (other / "thesis.tex").write_text("...")
-    with pytest.raises(DemoError, match="is not a volpre demo folder"):
+    with pytest.raises(DemoInputError, match="is not a volpre demo folder"):
         run_demo(other)
+
+
+def test_demo_command_reports_the_users_input_in_one_line_exit_2(tmp_path, capsys):
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "thesis.tex").write_text("...")
+    assert main(["demo", "--out", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("volpre demo: error: ") and "is not a volpre demo folder" in err
+    assert (other / "thesis.tex").read_text() == "..."
+    assert main(["demo", "--out", str(tmp_path / "new"), "--subjects", "0"]) == 2
+    assert "volpre demo: error: demo data: subjects must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_demo_command_defaults_are_the_demo_defaults():

@@ -7,11 +7,13 @@ import pytest
 
 from volpre.bench.data import BenchError
 from volpre.bench.step import BenchInputError
-from volpre.cli import UserError, main
+from volpre.cli import main
+from volpre.commands.options import UserError
 from volpre.config import ConfigError
 from volpre.data.errors import CacheError, VolumeError
 from volpre.data.manifest import ManifestError
 from volpre.demo.run import DemoError
+from volpre.demo.synthetic import DemoInputError
 from volpre.engine.checkpoint import CheckpointError
 from volpre.engine.trainer import DivergenceError
 from volpre.errors import UserInputError, VolpreError
@@ -25,7 +27,7 @@ from volpre.processes import CommandTimeout
     (ConfigError, ValueError), (ManifestError, ValueError), (VolumeError, ValueError), (CacheError, OSError),
     (BenchError, ValueError), (BenchInputError, ValueError), (CheckpointError, RuntimeError), (DivergenceError, RuntimeError),
     (WeightsError, RuntimeError), (InitWeightsError, ValueError), (EvaluationError, ValueError),
-    (UserError, Exception),
+    (DemoInputError, ValueError), (UserError, Exception),
 ])
 def test_user_input_errors_share_the_root_and_keep_their_builtin_base(error, builtin):
     assert issubclass(error, UserInputError) and issubclass(error, VolpreError) and issubclass(error, builtin)

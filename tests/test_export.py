@@ -129,7 +129,7 @@ def test_key_map_round_trip_is_strict_and_exact(config, network):
 
 
 def test_network_choices_of_the_cli_and_the_defaults_come_from_one_table():
-    from volpre.cli import BUNDLE_NETWORKS
+    from volpre.commands.options import BUNDLE_NETWORKS
 
     assert BUNDLE_NETWORKS == tuple(networks.NETWORKS)
     assert networks.default_network("segmentation", "swin") == "swinunetr"

@@ -46,7 +46,7 @@ from volpre.config import load_config
 from volpre.data.check import check_entries
 from volpre.data.index import index_paths
 from volpre.data.manifest import TEST, load_manifest
-from volpre.demo.synthetic import CT_LABELS, write_demo_data
+from volpre.demo.synthetic import CT_LABELS, DemoInputError, write_demo_data
 from volpre.engine.trainer import pretrain
 from volpre.errors import VolpreError
 from volpre.evaluate.probe import compare_with_random_init, probe_table
@@ -113,7 +113,7 @@ class ArmResult:
 def _prepare(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise DemoError(f"{out} exists and is not a volpre demo folder; choose another --out")
+            raise DemoInputError(f"{out} exists and is not a volpre demo folder; choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by volpre demo; a new demo run replaces this folder\n")

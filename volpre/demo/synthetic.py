@@ -90,6 +90,7 @@ from monai.transforms.utils import create_rotate
 from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
 from volpre.data.geometry import LPS_TO_RAS
 from volpre.data.manifest import TEST, TRAIN, VAL, Manifest, ManifestEntry, save_manifest
+from volpre.errors import UserInputError
 from volpre.files import check_new_output
 
 CT_LABELS = {"liver": 1, "lesion": 2}
@@ -785,9 +786,14 @@ class _Writer:
                            series_number=1, series_description="Localizer sag", file_names=["MR00010001"])
 
 
+class DemoInputError(UserInputError, ValueError):
+    """The demo data (or ``volpre demo``) cannot be made with these arguments: a number of subjects,
+    a seed, a size or split fractions out of range, an output folder that is not a demo's."""
+
+
 def _check_seed(seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"demo data seed must be a non-negative integer, got {seed!r}")
+        raise DemoInputError(f"demo data seed must be a non-negative integer, got {seed!r}")
 
 
 def assign_splits(n_subjects: int, seed: int, val_fraction: float = 0.2, test_fraction: float = 0.2) -> list[str]:
@@ -799,16 +805,16 @@ def assign_splits(n_subjects: int, seed: int, val_fraction: float = 0.2, test_fr
     fractions; fractions whose rounded counts leave no ``train`` subject raise).
 
     Raises:
-        ValueError: a fraction outside [0, 1), or no subject left for ``train`` (with 2+ subjects).
+        DemoInputError: a fraction outside [0, 1), or no subject left for ``train`` (with 2+ subjects).
     """
     for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"demo data: {name} must be in [0, 1), got {fraction!r}")
+            raise DemoInputError(f"demo data: {name} must be in [0, 1), got {fraction!r}")
     n_test = max(1, round(test_fraction * n_subjects)) if n_subjects >= 2 else 0
     n_val = max(1, round(val_fraction * n_subjects)) if n_subjects >= 3 else 0
     if n_subjects >= 2 and n_test + n_val >= n_subjects:
-        raise ValueError(f"demo data: {n_test} test and {n_val} val subjects of {n_subjects} leave none for train; "
-                         "lower val_fraction or test_fraction, or write more subjects")
+        raise DemoInputError(f"demo data: {n_test} test and {n_val} val subjects of {n_subjects} leave none for "
+                             "train; lower val_fraction or test_fraction, or write more subjects")
     order = np.random.default_rng([seed, 0x5B117]).permutation(n_subjects)
     splits = [TRAIN] * n_subjects
     for rank, index in enumerate(order):
@@ -830,16 +836,16 @@ def write_demo_data(out_dir: Path, subjects: int = 8, seed: int = 0, size: str =
     ``val_fraction`` and ``test_fraction``: shares of subjects in those splits (:func:`assign_splits`).
 
     Raises:
-        ValueError: ``subjects`` < 1, ``seed`` not a non-negative integer, ``size`` unknown, or
+        DemoInputError: ``subjects`` < 1, ``seed`` not a non-negative integer, ``size`` unknown, or
             split fractions that leave no training subject.
         FileExistsError: ``out_dir`` is a file or a non-empty directory.
     """
     out_dir = Path(out_dir)
     if isinstance(subjects, bool) or not isinstance(subjects, (int, np.integer)) or subjects < 1:
-        raise ValueError(f"demo data: subjects must be a positive integer, got {subjects!r}")
+        raise DemoInputError(f"demo data: subjects must be a positive integer, got {subjects!r}")
     _check_seed(seed)
     if size not in DEMO_SIZES:
-        raise ValueError(f"demo data: size must be one of {', '.join(DEMO_SIZES)}, got {size!r}")
+        raise DemoInputError(f"demo data: size must be one of {', '.join(DEMO_SIZES)}, got {size!r}")
     splits = assign_splits(subjects, int(seed), val_fraction, test_fraction)
     check_new_output(out_dir, "demo data output", " (remove it or choose another path)")
     out_dir.mkdir(parents=True, exist_ok=True)

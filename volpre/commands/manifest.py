@@ -1,0 +1,40 @@
+"""``volpre manifest from-decathlon`` and ``to-decathlon``: convert manifests to and from MONAI
+decathlon datalists."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run_from_decathlon(args: argparse.Namespace) -> int:
+    from volpre.data.manifest import from_decathlon, save_manifest
+
+    manifest = from_decathlon(args.datalist, base_dir=args.base_dir, modality=args.modality)
+    save_manifest(manifest, args.out)
+    print(f"wrote {len(manifest.entries)} entries to {args.out}")
+    return 0
+
+
+def run_to_decathlon(args: argparse.Namespace) -> int:
+    from volpre.data.manifest import load_manifest, to_decathlon
+
+    to_decathlon(load_manifest(args.manifest), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("manifest", help="convert manifests to and from MONAI decathlon datalists")
+    msub = p.add_subparsers(dest="manifest_command", metavar="ACTION")
+    msub.required = True
+    q = msub.add_parser("from-decathlon", help="decathlon datalist -> volpre manifest")
+    q.add_argument("datalist", type=Path)
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--base-dir", type=Path, help="folder the datalist's paths are relative to (default: its own)")
+    q.add_argument("--modality", help="modality of every entry (CT, MR, ...)")
+    q.set_defaults(run=run_from_decathlon)
+    q = msub.add_parser("to-decathlon", help="volpre manifest -> decathlon datalist (train/val/test splits)")
+    q.add_argument("manifest", type=Path)
+    q.add_argument("--out", required=True, type=Path)
+    q.set_defaults(run=run_to_decathlon)
