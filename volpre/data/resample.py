@@ -62,7 +62,7 @@ def resample_separable(image: torch.Tensor, scale: Sequence[float], shift: Seque
         dim = axis + 1
         n_in = out.shape[dim]
         position = np.clip(np.arange(n_out, dtype=np.float64) * s + t, 0.0, n_in - 1)
-        along = (slice(None),) * dim  # index tensors in this position select along `dim` (basic slabs; faster than index_select)
+        along = (slice(None),) * dim  # an index tensor after these selects along `dim`
         if mode == "nearest":
             out = out[along + (torch.as_tensor(np.round(position).astype(np.int64), device=out.device),)]
             continue

@@ -295,12 +295,15 @@ class CropWindow:
         self.is_ct = torch.tensor([windowed and name.split("/")[0] == "CT" for name in modality_classes])
 
     def __call__(self, image: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """``image`` ``(B, C, X, Y, Z)`` crops, ``modality`` ``(B,)`` class ids -> float32 ``(B, C, X, Y, Z)``."""
+        """``image`` ``(B, C, X, Y, Z)`` crops on any device, ``modality`` ``(B,)`` class ids on the
+        host (so that choosing the crops to window never waits for the device) -> float32
+        ``(B, C, X, Y, Z)`` on ``image``'s device."""
         image = image.float()
-        is_ct = self.is_ct.to(image.device)[modality.to(image.device)]
+        is_ct = self.is_ct[modality.cpu().long()]
         if not bool(is_ct.any()):
             return image
         windowed = convert_to_tensor(self.window(image), track_meta=False)
         if bool(is_ct.all()):
             return windowed
-        return torch.where(is_ct.view(-1, *([1] * (image.dim() - 1))), windowed, image)
+        mask = is_ct.to(image.device, non_blocking=True).view(-1, *([1] * (image.dim() - 1)))
+        return torch.where(mask, windowed, image)

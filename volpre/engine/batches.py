@@ -41,7 +41,7 @@ class DevicePrefetcher:
 
     ``window`` (:class:`volpre.data.transforms.CropWindow`) turns ``batch["image"]``, the crops
     as they left the workers (float16 intensities), into the float32 model input on the device,
-    given ``batch["modality"]``; ``None`` leaves images as they come. On CUDA the copy and window
+    given the host batch's ``modality`` ids; ``None`` leaves images as they come. On CUDA the copy and window
     of batch ``n + 1`` run on a side stream while step ``n`` computes (the DataLoader should pin
     memory). On the CPU they run when the batch is asked for.
     """
@@ -56,8 +56,8 @@ class DevicePrefetcher:
 
     def _on_device(self, host: Any) -> Any:
         batch = to_device(host, self.device)
-        if self.window is not None:
-            batch = {**batch, "image": self.window(batch["image"], batch["modality"])}
+        if self.window is not None:  # given the host's modality ids: no wait for the device
+            batch = {**batch, "image": self.window(batch["image"], host["modality"])}
         return to_device(batch, self.device, self.channels_last)  # already there: the memory format only
 
     def _preload(self) -> None:
