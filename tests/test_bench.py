@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from volpre.bench.data import PIPELINES, BenchError, bench_entries, run_data_bench
+from volpre.bench.data import PIPELINES, bench_entries, run_data_bench
+from volpre.bench.errors import BenchError
 from volpre.bench.isolated import run_isolated
 from volpre.bench.step import PHASES, run_step_bench
 from volpre.bench.volumes import write_bench_ct

@@ -7,7 +7,7 @@ or a power cut ``NAME`` is the old file or the new one, never a part of one. A w
 before the rename leaves the temporary behind; :func:`remove_stale_temporaries` deletes those of
 dead writers. :func:`file_sha256` fingerprints what was written.
 
-The bottom layer of volpre's I/O: it imports nothing of volpre.
+The bottom layer of volpre's I/O: it imports nothing of volpre but :mod:`volpre.errors`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import IO, Any, Callable
 
 import torch
+
+from volpre.errors import UserInputError
 
 STALE_FOREIGN_TEMP_AGE_S = 3600.0
 """A temporary written on another host (whose process cannot be checked) is stale after this long."""
@@ -143,14 +145,18 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+class OutputExistsError(UserInputError, FileExistsError):
+    """An output folder that must be new or empty is a file or holds files."""
+
+
 def check_new_output(out: str | os.PathLike[str], what: str, hint: str = "") -> None:
     """Refuse an output folder that is a file or a non-empty directory (a new or empty one is fine).
 
     Raises:
-        FileExistsError: ``"<what> <out> is a file|a non-empty directory; expected a new or empty
+        OutputExistsError: ``"<what> <out> is a file|a non-empty directory; expected a new or empty
             directory<hint>"``.
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         found = "a file" if not out.is_dir() else "a non-empty directory"
-        raise FileExistsError(f"{what} {out} is {found}; expected a new or empty directory{hint}")
+        raise OutputExistsError(f"{what} {out} is {found}; expected a new or empty directory{hint}")

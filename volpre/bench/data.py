@@ -57,23 +57,19 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from volpre.bench.errors import BenchError
 from volpre.bench.isolated import run_isolated
 from volpre.config import DataConfig, PreprocessConfig, RunConfig
 from volpre.data.cache import CachedCrops, VolumeCache, build_cache, entries_to_cache, read_crop
 from volpre.data.dataset import PretrainDataset, VolumeGroups, available_cpus, crop_loader, loader_workers
-from volpre.data.transforms import CROP_DTYPE, CropWindow, draw_crop_starts
 from volpre.data.manifest import ManifestEntry, load_manifest
-from volpre.errors import UserInputError
+from volpre.data.transforms import CROP_DTYPE, CropWindow, draw_crop_starts
 from volpre.text import printable
 from volpre.versions import installed_versions
 
 PIPELINES = ("reference", "persistent", "volpre_cold", "volpre_warm")
 """The pipelines ``volpre bench data`` measures, in the order it runs them."""
 DEFAULT_MIN_SECONDS = 3.0
-
-
-class BenchError(UserInputError, ValueError):
-    """The benchmark cannot run on the given manifest or options."""
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 from monai.transforms import ResizeWithPadOrCrop, Spacing
 
+from volpre.bench.errors import BenchError
 from volpre.data.manifest import Manifest, ManifestEntry, load_manifest, save_manifest
 from volpre.data.readers import read_volume
 from volpre.demo.synthetic import write_demo_data
@@ -43,9 +44,9 @@ def write_bench_ct(out_dir: Path, volumes: int, entries: int | None = None,
     out_dir = Path(out_dir)
     entries = volumes if entries is None else entries
     if volumes < 1 or entries < 1:
-        raise ValueError(f"benchmark data needs volumes >= 1 and entries >= 1, got {volumes} and {entries}")
+        raise BenchError(f"benchmark data needs volumes >= 1 and entries >= 1, got {volumes} and {entries}")
     if any(s < 2 for s in shape) or any(s <= 0 for s in spacing):
-        raise ValueError(f"benchmark volumes need shape >= 2 and spacing > 0 per axis, got {shape} and {spacing}")
+        raise BenchError(f"benchmark volumes need shape >= 2 and spacing > 0 per axis, got {shape} and {spacing}")
     check_new_output(out_dir, "benchmark volumes output", " (remove it or choose another path)")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     phantoms = _demo_ct_phantoms(min(volumes, 4), seed, shape, spacing)

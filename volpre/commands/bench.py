@@ -81,11 +81,8 @@ def run_gpu(args: argparse.Namespace) -> int:
 def run_ct_volumes(args: argparse.Namespace) -> int:
     from volpre.bench.volumes import write_bench_ct
 
-    try:
-        manifest = write_bench_ct(args.out, volumes=args.volumes, entries=args.entries, shape=tuple(args.shape),
-                                  spacing=tuple(args.spacing), seed=args.seed)
-    except (ValueError, FileExistsError) as error:
-        raise UserError(str(error)) from error
+    manifest = write_bench_ct(args.out, volumes=args.volumes, entries=args.entries, shape=tuple(args.shape),
+                              spacing=tuple(args.spacing), seed=args.seed)
     print(f"wrote {args.volumes} CT volumes of {'x'.join(map(str, args.shape))} voxels; manifest: {manifest}")
     return 0
 

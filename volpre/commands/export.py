@@ -18,10 +18,7 @@ def _run_nnunet(args: argparse.Namespace) -> int:
     if given:
         raise UserError(f"{', '.join(given)}: bundle options; --task nnunet writes nnU-Net weights, whose network, "
                         "classes and patch size come from the nnU-Net plans")
-    try:
-        export = export_nnunet(args.checkpoint, args.out, weights=args.weights)
-    except (ValueError, FileExistsError) as error:
-        raise UserError(str(error)) from error
+    export = export_nnunet(args.checkpoint, args.out, weights=args.weights)
     print(f"wrote nnU-Net pretrained weights {export.weights_file} ({export.keys} tensors) and {export.readme}")
     print(f"fine-tune: {export.command}")
     return 0
@@ -55,13 +52,10 @@ def run(args: argparse.Namespace) -> int:
     source = _export_source(args)
     if args.task == "nnunet":
         return _run_nnunet(args)
-    try:
-        bundle = export_bundle(source, args.task, args.out, network=args.network, manifest=args.manifest,
-                               modality=args.modality or "CT", out_channels=args.out_channels,
-                               roi_size=tuple(args.roi) if args.roi else None, weights=args.weights,
-                               ct_window=tuple(args.ct_window) if args.ct_window else None)
-    except (ValueError, FileExistsError) as error:  # arguments that do not fit the checkpoint or task
-        raise UserError(str(error)) from error
+    bundle = export_bundle(source, args.task, args.out, network=args.network, manifest=args.manifest,
+                           modality=args.modality or "CT", out_channels=args.out_channels,
+                           roi_size=tuple(args.roi) if args.roi else None, weights=args.weights,
+                           ct_window=tuple(args.ct_window) if args.ct_window else None)
     print(f"wrote {args.task} bundle {bundle}")
     print(f"fine-tune: see {bundle / 'docs' / 'README.md'}")
     return 0

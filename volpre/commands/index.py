@@ -5,18 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from volpre.commands.options import UserError, add_progress_options, check_interval, check_workers
+from volpre.commands.options import add_progress_options, check_interval, check_workers
 
 
 def run(args: argparse.Namespace) -> int:
     from volpre.data.index import index_paths
 
-    try:
-        summary = index_paths(args.paths, args.out, modality=args.modality, progress=not args.quiet,
-                              workers=check_workers(args.workers),
-                              progress_every=check_interval(args.progress_every))
-    except ValueError as error:
-        raise UserError(str(error)) from error
+    summary = index_paths(args.paths, args.out, modality=args.modality, progress=not args.quiet,
+                          workers=check_workers(args.workers), progress_every=check_interval(args.progress_every))
     print(summary.describe())
     return 0
 

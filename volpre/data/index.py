@@ -42,11 +42,17 @@ from volpre.data.errors import VolumeError
 from volpre.data.manifest import ManifestEntry, ManifestWriter, derive_entry_id, relative_path
 from volpre.data.modality import MODALITY_CODE, decide_modality
 from volpre.data.readers import read_header, read_volume, volume_format
+from volpre.errors import UserInputError
 from volpre.progress import Progress
 from volpre.text import printable
 
 UNDECIDED_SHOWN = 10
 """Files without a modality that :meth:`IndexSummary.describe` names one by one (the rest are counted)."""
+
+
+
+class IndexOptionError(UserInputError, ValueError):
+    """An option of ``volpre index`` is malformed (a ``--modality`` rule, ``--workers``)."""
 
 
 @dataclass
@@ -94,7 +100,7 @@ def parse_modality_rules(values: Sequence[str]) -> list[tuple[str, str]]:
     for value in values:
         pattern, _, code = value.rpartition("=") if "=" in value else ("*", "", value)
         if not MODALITY_CODE.match(code) or not pattern:
-            raise ValueError(
+            raise IndexOptionError(
                 f"--modality {value!r}: expected a DICOM modality code (CT, MR, PT, ...) or PATTERN=CODE "
                 "(e.g. '*/ct*=CT')"
             )
@@ -376,11 +382,11 @@ def index_paths(paths: Iterable[Path], out: Path, modality: str | Sequence[str] 
 
     Raises:
         FileNotFoundError: a path does not exist.
-        ValueError: a malformed ``modality`` rule, or ``workers`` < 0.
+        IndexOptionError: a malformed ``modality`` rule, or ``workers`` < 0.
     """
     rules = parse_modality_rules([modality] if isinstance(modality, str) else list(modality or []))
     if workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {workers}")
+        raise IndexOptionError(f"--workers must be >= 0, got {workers}")
     paths = [Path(p) for p in paths]
     for root in paths:
         if not (root.is_file() or root.is_dir()):

@@ -40,6 +40,7 @@ from monai.bundle import ConfigParser
 
 from volpre.config import ModelConfig, RunConfig
 from volpre.export import networks
+from volpre.export.errors import ExportError
 from volpre.export.keymap import to_network_keys
 from volpre.export.metadata import Provenance, fill_metadata, installed_package_versions
 from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
@@ -106,33 +107,33 @@ def _build_network(network_def: dict[str, Any], in_channels: int, out_channels: 
 def _check_choices(task: str, network: str | None, pretrained: PretrainedEncoder,
                    out_channels: int | None, roi_size: Sequence[int], modality: str) -> str:
     if task not in TASKS:
-        raise ValueError(f"task: got {task!r}, expected one of {', '.join(TASKS)}")
+        raise ExportError(f"task: got {task!r}, expected one of {', '.join(TASKS)}")
     encoder = pretrained.encoder
     name = network if network is not None else networks.default_network(task, encoder)
     spec = networks.NETWORKS.get(name)
     if spec is None or spec.task != task or encoder not in spec.encoders:
         allowed = [n for n, s in networks.NETWORKS.items() if s.task == task and encoder in s.encoders]
-        raise ValueError(
+        raise ExportError(
             f"network: got {name!r}; a {task} bundle of the {encoder} encoder in {pretrained.checkpoint} "
             f"can hold {', '.join(allowed)}"
         )
     if modality not in ("CT", "MR"):
-        raise ValueError(f"modality: got {modality!r}, expected 'CT' or 'MR'")
+        raise ExportError(f"modality: got {modality!r}, expected 'CT' or 'MR'")
     if len(roi_size) != 3 or any(not isinstance(r, int) or r <= 0 or r % 32 for r in roi_size):
-        raise ValueError(f"roi_size: got {list(roi_size)}, expected three positive multiples of 32 (X, Y, Z voxels)")
+        raise ExportError(f"roi_size: got {list(roi_size)}, expected three positive multiples of 32 (X, Y, Z voxels)")
     if name == "swinunetr" and min(roi_size) < SWINUNETR_MIN_TRAIN_ROI:
-        raise ValueError(
+        raise ExportError(
             f"roi_size: got {list(roi_size)}; SwinUNETR needs at least {SWINUNETR_MIN_TRAIN_ROI} voxels per axis to "
             f"train (its instance norm needs more than one voxel on the stride-32 map): pass roi_size="
             f"{[max(r, SWINUNETR_MIN_TRAIN_ROI) for r in roi_size]}"
         )
     if task == "segmentation" and (out_channels is None or out_channels < 2):
-        raise ValueError(
+        raise ExportError(
             f"out_channels: got {out_channels!r}; a segmentation bundle needs the number of classes including "
             "background (>= 2; e.g. 3 for volpre's demo CT labels: background, liver, lesion)"
         )
     if task == "survival" and out_channels is not None:
-        raise ValueError(f"out_channels: got {out_channels!r}; a survival bundle predicts one risk, leave it unset")
+        raise ExportError(f"out_channels: got {out_channels!r}; a survival bundle predicts one risk, leave it unset")
     return name
 
 
@@ -162,7 +163,7 @@ def _fine_tuning_window(ct_window: Sequence[float] | None, pretraining: Sequence
     if ct_window is None:
         return float(pretraining[0]), float(pretraining[1])
     if modality != "CT":
-        raise ValueError(f"ct_window: got {list(ct_window)} for a {modality} bundle; only CT is windowed (MR is "
+        raise ExportError(f"ct_window: got {list(ct_window)} for a {modality} bundle; only CT is windowed (MR is "
                          "z-scored), leave it unset")
     return check_ct_window(ct_window, "ct_window")
 
@@ -254,7 +255,7 @@ def export_bundle(
             tensors with NaN/Inf.
         WeightsError: its encoder tensors do not fit the encoder (or the network) they should
             load into; every missing, unexpected and misshapen key is listed.
-        ValueError: an argument does not fit the task, the encoder or the network (or
+        ExportError: an argument does not fit the task, the encoder or the network (or
             ``ct_window`` is not ``low < high``, or given for an MR bundle).
         FileExistsError: ``out`` exists and is not an empty directory.
     """

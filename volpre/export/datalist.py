@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from volpre.data.manifest import ManifestEntry, load_manifest
+from volpre.export.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,14 @@ def manifest_dir(manifest: str | os.PathLike[str] | None) -> str:
     """The folder holding the manifest (a bundle's ``dataset_dir``), absolute.
 
     Raises:
-        ValueError: the bundle's ``manifest`` was not set.
+        ExportError: the bundle's ``manifest`` was not set.
     """
     return str(Path(_require_manifest(manifest)).resolve().parent)
 
 
 def _require_manifest(manifest: str | os.PathLike[str] | None) -> str | os.PathLike[str]:
     if manifest is None or manifest == "":
-        raise ValueError(
+        raise ExportError(
             "the bundle's `manifest` is not set: pass --manifest PATH (a volpre manifest JSON, e.g. from "
             "`volpre index` or `volpre demo-data`)"
         )
@@ -69,7 +70,7 @@ def _select(
             path, len(entries) - len(usable), len(entries), modality, split, need_text,
         )
     if len(usable) < minimum:
-        raise ValueError(
+        raise ExportError(
             f"manifest {path}: split {split!r} holds {len(usable)} {modality} entries with {need_text} "
             f"({len(entries)} {modality} entries in that split in all); expected at least {minimum}"
         )
@@ -82,7 +83,7 @@ def segmentation_records(manifest: str | os.PathLike[str] | None, split: str, mo
     Entries without a label are left out (with a warning).
 
     Raises:
-        ValueError: ``manifest`` is not set, or no labelled entry matches.
+        ExportError: ``manifest`` is not set, or no labelled entry matches.
         ManifestError: the manifest cannot be read or does not follow the schema.
     """
     entries = _select(manifest, split, modality, lambda e: e.label is not None, "label", minimum=1)
@@ -93,7 +94,7 @@ def image_records(manifest: str | os.PathLike[str] | None, split: str, modality:
     """``[{"image", "id"[, "series_uid"]}]`` for every ``modality`` entry of ``split`` (for inference).
 
     Raises:
-        ValueError: ``manifest`` is not set, or no entry matches.
+        ExportError: ``manifest`` is not set, or no entry matches.
         ManifestError: the manifest cannot be read or does not follow the schema.
     """
     return [_image_record(e) for e in _select(manifest, split, modality, lambda e: True, "image", minimum=1)]
@@ -108,7 +109,7 @@ def survival_records(manifest: str | os.PathLike[str] | None, split: str, modali
     ``time`` and ``event`` are left out (with a warning).
 
     Raises:
-        ValueError: ``manifest`` is not set, or fewer than two entries have an outcome.
+        ExportError: ``manifest`` is not set, or fewer than two entries have an outcome.
         ManifestError: the manifest cannot be read or does not follow the schema.
     """
     entries = _select(

@@ -27,6 +27,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from torch import nn
 
+from volpre.export.errors import ExportError
 from volpre.export.networks import encoder_of
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,10 @@ def encoder_param_groups(network: nn.Module, encoder_lr: float, lr: float) -> li
 
     Raises:
         TypeError: ``network`` is not one of the bundle networks.
-        ValueError: a learning rate is not positive.
+        ExportError: a learning rate is not positive.
     """
     if encoder_lr <= 0 or lr <= 0:
-        raise ValueError(f"learning rates must be > 0, got encoder_learning_rate={encoder_lr}, learning_rate={lr}")
+        raise ExportError(f"learning rates must be > 0, got encoder_learning_rate={encoder_lr}, learning_rate={lr}")
     encoder_ids = {id(p) for p in encoder_of(network).parameters()}
     encoder_params = [p for p in network.parameters() if id(p) in encoder_ids]
     other_params = [p for p in network.parameters() if id(p) not in encoder_ids]
@@ -64,13 +65,13 @@ class FreezeEncoder:
         epochs: number of leading epochs to keep the encoder frozen (>= 0).
 
     Raises:
-        ValueError: ``epochs`` is negative.
+        ExportError: ``epochs`` is negative.
         TypeError: ``network`` is not one of the bundle networks.
     """
 
     def __init__(self, network: nn.Module, epochs: int) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"freeze_encoder_epochs must be an integer >= 0, got {epochs!r}")
+            raise ExportError(f"freeze_encoder_epochs must be an integer >= 0, got {epochs!r}")
         self.encoder = encoder_of(network)
         self.epochs = epochs
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import torch
 
+from volpre.export.errors import ExportError
 from volpre.export.networks import NETWORKS
 
 def key_prefix(encoder: str, network: str) -> str:
@@ -28,12 +29,12 @@ def key_prefix(encoder: str, network: str) -> str:
     (:data:`volpre.export.networks.NETWORKS`, the one table of which network takes which encoder).
 
     Raises:
-        ValueError: the pair is not supported; the message lists the supported pairs.
+        ExportError: the pair is not supported; the message lists the supported pairs.
     """
     spec = NETWORKS.get(network)
     if spec is None or encoder not in spec.encoders:
         pairs = ", ".join(f"{e} -> {n}" for n, s in NETWORKS.items() for e in s.encoders)
-        raise ValueError(f"no key map from a {encoder!r} encoder to network {network!r}; supported pairs: {pairs}")
+        raise ExportError(f"no key map from a {encoder!r} encoder to network {network!r}; supported pairs: {pairs}")
     return spec.encoder_attr + "."
 
 

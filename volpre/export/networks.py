@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from monai.networks.nets import FlexibleUNet, SwinUNETR
 from torch import nn
 
+from volpre.export.errors import ExportError
 from volpre.export.weights import check_state_dict, load_strictly, read_state_dict
 from volpre.models import ResNet3DEncoder, SwinEncoder
 from volpre.survival import SurvivalNet
@@ -86,11 +87,11 @@ def load_weights(network: nn.Module, pretrained_encoder: str | os.PathLike[str] 
     error messages).
 
     Raises:
-        ValueError: both files are given.
+        ExportError: both files are given.
         WeightsError: a file cannot be read or does not fit (every key problem listed).
     """
     if pretrained_encoder is not None and checkpoint is not None:
-        raise ValueError(
+        raise ExportError(
             f"network_def: give pretrained_encoder ({pretrained_encoder}) or checkpoint ({checkpoint}), not both: "
             "the checkpoint already holds the encoder"
         )

@@ -31,8 +31,9 @@ from volpre import __version__
 from volpre.config import ConfigError, RunConfig, config_from_dict
 from volpre.data.nnunet_plan import NNUNetPlan
 from volpre.engine.checkpoint import CheckpointError, load_checkpoint
+from volpre.export.errors import ExportError
 from volpre.export.weights import check_state_dict
-from volpre.files import atomic_torch_save, atomic_write_text
+from volpre.files import OutputExistsError, atomic_torch_save, atomic_write_text
 from volpre.models.nnunet import HEAD_KEY, pretraining_network, transferable_keys
 
 WEIGHT_PREFIXES: dict[str, str] = {"model": "", "ema": "module."}
@@ -53,7 +54,7 @@ class NNUNetExport:
 
 def _network_state(saved: dict[str, Any], weights: str, path: Path) -> dict[str, torch.Tensor]:
     if weights not in WEIGHT_PREFIXES:
-        raise ValueError(f"weights: got {weights!r}, expected one of {', '.join(map(repr, WEIGHT_PREFIXES))}")
+        raise ExportError(f"weights: got {weights!r}, expected one of {', '.join(map(repr, WEIGHT_PREFIXES))}")
     source = saved["model"] if weights == "model" else saved.get("ema")
     if source is None:
         raise CheckpointError(f"checkpoint {path}: weights='ema' asked for, but the run kept no moving average "
@@ -68,7 +69,7 @@ def read_nnunet_checkpoint(checkpoint: str | os.PathLike[str]) -> tuple[dict[str
 
     Raises:
         CheckpointError: unreadable, invalid config, or no plans kept.
-        ValueError: the checkpoint is of another encoder.
+        ExportError: the checkpoint is of another encoder.
     """
     path = Path(checkpoint)
     saved = load_checkpoint(path)
@@ -77,7 +78,7 @@ def read_nnunet_checkpoint(checkpoint: str | os.PathLike[str]) -> tuple[dict[str
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {path}: its run config is not valid: {exc}") from exc
     if config.model.encoder != "nnunet":
-        raise ValueError(f"--task nnunet needs a checkpoint of model.encoder nnunet; {path} holds a "
+        raise ExportError(f"--task nnunet needs a checkpoint of model.encoder nnunet; {path} holds a "
                          f"{config.model.encoder} encoder (export it as a MONAI bundle: --task segmentation or survival)")
     plans = saved.get("nnunet_plans")
     if plans is None:
@@ -99,7 +100,7 @@ def export_nnunet(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str
     Raises:
         CheckpointError: the checkpoint cannot be read or is not an nnunet pretraining checkpoint.
         WeightsError: its tensors do not fit the network nnU-Net builds from the kept plans (all differences).
-        ValueError: the checkpoint is of another encoder, or ``weights`` is unknown.
+        ExportError: the checkpoint is of another encoder, or ``weights`` is unknown.
         FileExistsError: ``out`` or its readme exists.
     """
     path, out = Path(checkpoint), Path(out)
@@ -107,7 +108,7 @@ def export_nnunet(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str
     readme = out.with_suffix(".md")
     for target in (out, readme):
         if target.exists():
-            raise FileExistsError(f"{target} exists; choose another --out (volpre never overwrites an export)")
+            raise OutputExistsError(f"{target} exists; choose another --out (volpre never overwrites an export)")
     state = transferable_keys(_network_state(saved, weights, path))
     expected = transferable_keys(pretraining_network(plan).state_dict())
     check_state_dict(expected, state, source=f"checkpoint {path} ({weights} weights)",

@@ -33,6 +33,7 @@ from packaging.version import InvalidVersion, Version
 
 from volpre.config import ConfigError, RunConfig, config_from_dict
 from volpre.engine.checkpoint import CheckpointError, load_checkpoint
+from volpre.export.errors import ExportError
 from volpre.export.weights import check_state_dict
 from volpre.models import build_encoder
 
@@ -136,10 +137,10 @@ def read_pretrained_encoder(
             invalid, ``weights="ema"`` but it holds no EMA, Swin weights from MONAI < 1.5, or
             encoder tensors holding NaN/Inf.
         WeightsError: its encoder tensors do not fit the encoder its config describes.
-        ValueError: ``weights`` is neither ``"model"`` nor ``"ema"``.
+        ExportError: ``weights`` is neither ``"model"`` nor ``"ema"``.
     """
     if weights not in WEIGHT_SOURCES:
-        raise ValueError(f"weights: got {weights!r}, expected one of {', '.join(map(repr, WEIGHT_SOURCES))}")
+        raise ExportError(f"weights: got {weights!r}, expected one of {', '.join(map(repr, WEIGHT_SOURCES))}")
     path = Path(checkpoint)
     saved = load_checkpoint(path)
     try:
