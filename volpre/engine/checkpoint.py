@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from volpre.config import ConfigError, RunConfig, config_from_dict
 from volpre.errors import UserInputError
 from volpre.files import atomic_torch_save, describe_write_error, fsync_folder, remove_stale_temporaries, temporary_path
 
@@ -205,6 +206,18 @@ def fallback_hint(path: Path) -> str:
     if found is None:
         return f"; none of the {len(candidates)} other step_*.pt beside it can be read either"
     return f"; the newest readable checkpoint beside it is {found.path} (step {found.step})"
+
+
+def checkpoint_run_config(saved: dict[str, Any], path: str | os.PathLike) -> RunConfig:
+    """The run config a loaded checkpoint (:func:`load_checkpoint`) was written with.
+
+    Raises:
+        CheckpointError: the saved config is not valid (any more).
+    """
+    try:
+        return config_from_dict(saved["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: its run config is not valid: {exc}") from exc
 
 
 def load_checkpoint(path: str | os.PathLike, suggest_fallback: bool = True) -> dict[str, Any]:

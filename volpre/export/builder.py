@@ -164,7 +164,7 @@ def _fine_tuning_window(ct_window: Sequence[float] | None, pretraining: Sequence
         return float(pretraining[0]), float(pretraining[1])
     if modality != "CT":
         raise ExportError(f"ct_window: got {list(ct_window)} for a {modality} bundle; only CT is windowed (MR is "
-                         "z-scored), leave it unset")
+                          "z-scored), leave it unset")
     return check_ct_window(ct_window, "ct_window")
 
 

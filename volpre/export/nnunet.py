@@ -28,9 +28,9 @@ from typing import Any, Literal
 import torch
 
 from volpre import __version__
-from volpre.config import ConfigError, RunConfig, config_from_dict
+from volpre.config import RunConfig
 from volpre.data.nnunet_plan import NNUNetPlan
-from volpre.engine.checkpoint import CheckpointError, load_checkpoint
+from volpre.engine.checkpoint import CheckpointError, checkpoint_run_config, load_checkpoint
 from volpre.export.errors import ExportError
 from volpre.export.weights import check_state_dict
 from volpre.files import OutputExistsError, atomic_torch_save, atomic_write_text
@@ -73,13 +73,11 @@ def read_nnunet_checkpoint(checkpoint: str | os.PathLike[str]) -> tuple[dict[str
     """
     path = Path(checkpoint)
     saved = load_checkpoint(path)
-    try:
-        config = config_from_dict(saved["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {path}: its run config is not valid: {exc}") from exc
+    config = checkpoint_run_config(saved, path)
     if config.model.encoder != "nnunet":
         raise ExportError(f"--task nnunet needs a checkpoint of model.encoder nnunet; {path} holds a "
-                         f"{config.model.encoder} encoder (export it as a MONAI bundle: --task segmentation or survival)")
+                          f"{config.model.encoder} encoder (export it as a MONAI bundle: --task segmentation or "
+                          "survival)")
     plans = saved.get("nnunet_plans")
     if plans is None:
         raise CheckpointError(f"checkpoint {path}: an nnunet run without the nnU-Net plans it was trained with "

@@ -31,8 +31,8 @@ from typing import Any, Literal
 import torch
 from packaging.version import InvalidVersion, Version
 
-from volpre.config import ConfigError, RunConfig, config_from_dict
-from volpre.engine.checkpoint import CheckpointError, load_checkpoint
+from volpre.config import RunConfig
+from volpre.engine.checkpoint import CheckpointError, checkpoint_run_config, load_checkpoint
 from volpre.export.errors import ExportError
 from volpre.export.weights import check_state_dict
 from volpre.models import build_encoder
@@ -143,10 +143,7 @@ def read_pretrained_encoder(
         raise ExportError(f"weights: got {weights!r}, expected one of {', '.join(map(repr, WEIGHT_SOURCES))}")
     path = Path(checkpoint)
     saved = load_checkpoint(path)
-    try:
-        config = config_from_dict(saved["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {path}: its run config is not valid: {exc}") from exc
+    config = checkpoint_run_config(saved, path)
     if config.model.encoder == "swin":
         check_swin_monai_version(saved["versions"], path)
 

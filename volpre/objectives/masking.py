@@ -3,7 +3,8 @@
 A mask is a bool tensor ``(B, 1, gx, gy, gz)`` on a grid of cubic cells (``True`` = masked); each
 sample has exactly ``round(ratio * gx * gy * gz)`` masked cells, drawn from the caller's
 ``torch.Generator`` so that the same generator state gives the same masks. :func:`expand_mask`
-repeats each cell to any finer resolution (voxels, patch tokens, feature maps).
+repeats each cell to any finer resolution (voxels, patch tokens, feature maps);
+:class:`VisibleAtEveryScale` keeps those expansions for SparK's sparse encoders.
 :func:`random_channel_mask` masks channels instead (the disruptive autoencoder's local masking).
 """
 
@@ -89,6 +90,30 @@ def expand_mask(mask: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tenso
     gx, gy, gz = grid
     tiled = mask[:, :, :, None, :, None, :, None].expand(batch, channels, gx, fx, gy, fy, gz, fz)
     return tiled.reshape(batch, channels, *shape)
+
+
+class VisibleAtEveryScale:
+    """A SparK mask's visible cells at the resolution of any feature map (SparK's sparse execution:
+    every layer's output is re-zeroed where the input was masked). Each shape is expanded once.
+
+    Args:
+        visible_grid: bool ``(B, 1, gx, gy, gz)``, ``True`` = visible.
+    """
+
+    def __init__(self, visible_grid: torch.Tensor) -> None:
+        self.visible_grid = visible_grid
+        self._by_shape: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def visible(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, X, Y, Z)`` bool for a feature map ``t`` ``(B, C, X, Y, Z)``."""
+        shape = tuple(t.shape[2:])
+        if shape not in self._by_shape:
+            self._by_shape[shape] = expand_mask(self.visible_grid, shape)
+        return self._by_shape[shape]
+
+    def zero_masked(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` with its masked positions set to 0."""
+        return t * self.visible(t).to(t.dtype)
 
 
 def masked_channel_count(channels: int, ratio: float) -> int:

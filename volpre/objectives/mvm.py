@@ -102,7 +102,29 @@ def _score(
     return ObjectiveOutput(loss=loss, parts={"reconstruction": loss.detach()}, images=images)
 
 
-class SimMIMPretrainer(Pretrainer):
+class _MaskedVolumePretrainer(Pretrainer):
+    """What SimMIM and SparK share: draw a grid mask per crop, reconstruct, score the masked voxels.
+    A subclass sets ``cfg`` (the ``objective.mvm`` section) and defines :meth:`reconstruct`."""
+
+    cfg: MVMConfig
+
+    def reconstruct(self, image: torch.Tensor, masked_grid: torch.Tensor) -> torch.Tensor:
+        """``(B, C, X, Y, Z)`` and a ``(B, 1, gx, gy, gz)`` bool mask -> reconstruction ``(B, C, X, Y, Z)``."""
+        raise NotImplementedError
+
+    def draw(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``{"mask": (B, 1, gx, gy, gz) bool}``: the masked ``mask_patch^3`` cells of each crop."""
+        image = batch_image(batch, generator)
+        return {"mask": _draw_mask(self.cfg, image, generator)}
+
+    def forward(self, batch: dict, draws: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        """Mask ``batch["image"]`` ``(B, C, X, Y, Z)`` with ``draws["mask"]``, reconstruct, score the
+        masked voxels."""
+        image = batch_image(batch)
+        return _score(self.cfg, image, draws["mask"], self.reconstruct(image, draws["mask"]))
+
+
+class SimMIMPretrainer(_MaskedVolumePretrainer):
     """SimMIM on a :class:`~volpre.models.SwinEncoder`.
 
     Args:
@@ -128,19 +150,8 @@ class SimMIMPretrainer(Pretrainer):
         token = self.mask_token.to(embedding.dtype).view(1, -1, 1, 1, 1)
         return self.decoder(self.encoder.stages(torch.where(masked_tokens, token, embedding)))
 
-    def draw(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """``{"mask": (B, 1, gx, gy, gz) bool}``: the masked ``mask_patch^3`` cells of each crop."""
-        image = batch_image(batch, generator)
-        return {"mask": _draw_mask(self.cfg, image, generator)}
 
-    def forward(self, batch: dict, draws: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        """Mask ``batch["image"]`` ``(B, C, X, Y, Z)`` with ``draws["mask"]``, reconstruct, score the
-        masked voxels."""
-        image = batch_image(batch)
-        return _score(self.cfg, image, draws["mask"], self.reconstruct(image, draws["mask"]))
-
-
-class SparKPretrainer(Pretrainer):
+class SparKPretrainer(_MaskedVolumePretrainer):
     """SparK on a :class:`~volpre.models.ResNet3DEncoder` (see the module docstring).
 
     Args:
@@ -199,17 +210,6 @@ class SparKPretrainer(Pretrainer):
         """``feature`` with ``token`` in its masked positions."""
         masked = expand_mask(masked_grid, feature.shape[2:])
         return torch.where(masked, token.to(feature.dtype).view(1, -1, 1, 1, 1), feature)
-
-    def draw(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """``{"mask": (B, 1, gx, gy, gz) bool}``: the masked ``mask_patch^3`` cells of each crop."""
-        image = batch_image(batch, generator)
-        return {"mask": _draw_mask(self.cfg, image, generator)}
-
-    def forward(self, batch: dict, draws: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        """Mask ``batch["image"]`` ``(B, C, X, Y, Z)`` with ``draws["mask"]``, reconstruct, score the
-        masked voxels."""
-        image = batch_image(batch)
-        return _score(self.cfg, image, draws["mask"], self.reconstruct(image, draws["mask"]))
 
 
 def spark_decoder(encoder: ResNet3DEncoder, decoder_channels: int) -> SparKLightDecoder:

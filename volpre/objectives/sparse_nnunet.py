@@ -39,7 +39,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.modules.pooling import _AvgPoolNd, _MaxPoolNd
 
-from volpre.objectives.masking import expand_mask
+from volpre.objectives.masking import VisibleAtEveryScale
 from volpre.objectives.sparse_resnet import masked_batch_norm
 
 _CONTAINERS = (PlainConvEncoder, ResidualEncoder, StackedConvBlocks, ConvDropoutNormReLU, StackedResidualBlocks,
@@ -98,21 +98,8 @@ def check_sparse_support(encoder: nn.Module) -> None:
                             "sparse form in volpre.objectives.sparse_nnunet; use objective.name=dae for this plan")
 
 
-class _SparseRunner:
+class _SparseRunner(VisibleAtEveryScale):
     """Runs encoder modules, re-zeroing masked positions after each; the mask is expanded per shape."""
-
-    def __init__(self, visible_grid: torch.Tensor) -> None:
-        self.visible_grid = visible_grid
-        self._by_shape: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def visible(self, t: torch.Tensor) -> torch.Tensor:
-        shape = tuple(t.shape[2:])
-        if shape not in self._by_shape:
-            self._by_shape[shape] = expand_mask(self.visible_grid, shape)
-        return self._by_shape[shape]
-
-    def zero_masked(self, t: torch.Tensor) -> torch.Tensor:
-        return t * self.visible(t).to(t.dtype)
 
     def run(self, module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:  # noqa: C901 - one case per layer type
         if module is None or not isinstance(module, nn.Module):  # nnU-Net's identity lambdas

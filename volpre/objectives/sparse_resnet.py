@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from volpre.models.contract import FEATURE_STRIDES, check_encoder_input
 from volpre.models.resnet import ResNet3DEncoder
-from volpre.objectives.masking import expand_mask
+from volpre.objectives.masking import VisibleAtEveryScale
 
 _REDUCED_DIMS = (0, 2, 3, 4)
 """Batch and spatial axes of ``(B, C, X, Y, Z)``: BatchNorm statistics are per channel."""
@@ -160,21 +160,8 @@ def masked_batch_norm(x: torch.Tensor, visible: torch.Tensor, norm: _BatchNorm) 
     return out
 
 
-class _SparseRunner:
+class _SparseRunner(VisibleAtEveryScale):
     """Runs encoder modules, re-zeroing masked positions after each; the mask is expanded per shape."""
-
-    def __init__(self, visible_grid: torch.Tensor) -> None:
-        self.visible_grid = visible_grid
-        self._by_shape: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def visible(self, t: torch.Tensor) -> torch.Tensor:
-        shape = tuple(t.shape[2:])
-        if shape not in self._by_shape:
-            self._by_shape[shape] = expand_mask(self.visible_grid, shape)
-        return self._by_shape[shape]
-
-    def zero_masked(self, t: torch.Tensor) -> torch.Tensor:
-        return t * self.visible(t).to(t.dtype)
 
     def conv_norm(self, conv: nn.Module, norm: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
         y = conv(x)
