@@ -29,7 +29,7 @@ from volpre.config import load_config
 from volpre.engine.checkpoint import with_checksum
 from volpre.export import export_bundle
 from volpre.export.schema import copy_meta_schema
-from volpre.export.weights import WeightsError
+from volpre.models.weights import WeightsError
 from volpre.objectives import build_pretrainer
 from volpre.versions import installed_versions
 

@@ -20,9 +20,9 @@ from volpre.engine.trainer import DivergenceError
 from volpre.errors import UserInputError, VolpreError
 from volpre.evaluate import EvaluationError
 from volpre.export.errors import ExportError
-from volpre.export.weights import WeightsError
 from volpre.files import OutputExistsError
 from volpre.models.init_weights import InitWeightsError
+from volpre.models.weights import WeightsError
 from volpre.processes import CommandTimeout
 
 

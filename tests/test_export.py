@@ -28,8 +28,8 @@ from volpre.export import builder, datalist, finetune, keymap, networks
 from volpre.export.schema import SCHEMA_FILE, SCHEMA_SHA256, copy_meta_schema
 from volpre.export.templates import templates_root
 from volpre.export.transforms import deterministic_transforms
-from volpre.export.weights import WeightsError, check_state_dict, load_strictly, read_state_dict
 from volpre.models import ResNet3DEncoder, build_encoder
+from volpre.models.weights import WeightsError, check_state_dict, load_strictly, read_state_dict
 from volpre.objectives import build_pretrainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,9 +21,9 @@ from volpre.cli import main
 from volpre.config import load_config
 from volpre.engine.trainer import _initialise_encoder
 from volpre.export import export_bundle
-from volpre.export.weights import WeightsError
 from volpre.models import build_encoder
 from volpre.models.init_weights import InitWeightsError, detect_format, read_init_state
+from volpre.models.weights import WeightsError
 
 
 def medicalnet_file(path, depth: int) -> dict:

@@ -30,8 +30,8 @@ from volpre.data.nnunet_plan import NNUNetPlan, plans_sha256, resolve_run_config
 from volpre.data.readers import read_volume  # noqa: E402
 from volpre.engine.checkpoint import with_checksum  # noqa: E402
 from volpre.export.nnunet import export_nnunet  # noqa: E402
-from volpre.export.weights import WeightsError  # noqa: E402
 from volpre.models.nnunet import build_nnunet_network, pretraining_network, transferable_keys  # noqa: E402
+from volpre.models.weights import WeightsError  # noqa: E402
 from volpre.objectives import build_pretrainer, draw_and_forward  # noqa: E402
 from volpre.objectives.sparse_nnunet import masked_instance_norm, sparse_encoder_features  # noqa: E402
 

@@ -5,7 +5,8 @@ A writer builds ``NAME`` under a temporary name beside it, :func:`temporary_path
 (:func:`atomic_write`, :func:`atomic_write_text`, :func:`atomic_torch_save`): after a crash
 or a power cut ``NAME`` is the old file or the new one, never a part of one. A writer killed
 before the rename leaves the temporary behind; :func:`remove_stale_temporaries` deletes those of
-dead writers. :func:`file_sha256` fingerprints what was written.
+dead writers. :func:`file_sha256` fingerprints what was written; :func:`read_torch_file` is the one
+guard around ``torch.load`` (checkpoints, weight files).
 
 The bottom layer of volpre's I/O: it imports nothing of volpre but :mod:`volpre.errors`.
 """
@@ -160,3 +161,36 @@ def check_new_output(out: str | os.PathLike[str], what: str, hint: str = "") -> 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         found = "a file" if not out.is_dir() else "a non-empty directory"
         raise OutputExistsError(f"{what} {out} is {found}; expected a new or empty directory{hint}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
+
+
+def read_torch_file(path: str | os.PathLike, what: str, error: type[Exception], damaged: str = "corrupt") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, the one guard around it in volpre.
+
+    Args:
+        path: the file.
+        what: what it should hold, for messages (``"checkpoint"``, ``"pretrained encoder weights"``).
+        error: the exception type raised (callers use their own layer's error).
+        damaged: the end of the message for an unreadable file: "it may be truncated or <damaged>".
+
+    Raises:
+        ``error``: the file is missing, empty, or ``torch.load`` cannot read it; the message
+        names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        try:
+            empty = path.stat().st_size == 0
+        except OSError:
+            empty = False
+        detail = "the file is empty" if empty else f"{type(exc).__name__}: {_first_line(exc) or 'no message'}"
+        raise error(f"{what} {path}: cannot be read ({detail}); it may be truncated or {damaged}") from exc

@@ -1,6 +1,9 @@
 """Data layer: checked volume reading (NIfTI, NRRD, MetaImage, DICOM), manifests, presets.
 
 The names below are the stable entry points; submodules hold the details.
+
+Imports: only the bottom of volpre (errors, files, text, progress, config); no model, objective,
+engine or export code, and not :mod:`volpre.demo` (demo data are not the data layer).
 """
 
 from volpre.data.dicom import DicomScan, DicomSeries, SkippedFile, load_dicom_series, scan_dicom

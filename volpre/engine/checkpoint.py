@@ -15,9 +15,8 @@ dtype, shape and bytes, every plain value, in a fixed order; see :func:`state_ch
 :func:`load_checkpoint`, the one reader of checkpoints in volpre, verifies it: a bit flip
 anywhere in the tensors or the pickled values is an error, never different weights. Its errors
 name the file and the newest readable ``step_*.pt`` beside it; ``volpre pretrain --resume``
-falls back to that one by itself when ``last.pt`` cannot be used. :func:`read_torch_file` is the
-one guard around ``torch.load`` (checkpoints here, bundle weight files in
-:mod:`volpre.export.weights`).
+falls back to that one by itself when ``last.pt`` cannot be used. :func:`volpre.files.read_torch_file`, the
+one guard around ``torch.load``, reads them.
 
 A checkpoint holds only tensors and plain Python values (dicts, lists, str, int, float, bool),
 so the safe ``weights_only`` unpickler reads it:
@@ -48,7 +47,7 @@ import torch
 
 from volpre.config import ConfigError, RunConfig, config_from_dict
 from volpre.errors import UserInputError
-from volpre.files import atomic_torch_save, describe_write_error, fsync_folder, remove_stale_temporaries, temporary_path
+from volpre.files import atomic_torch_save, read_torch_file, describe_write_error, fsync_folder, remove_stale_temporaries, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -65,40 +64,6 @@ class CheckpointError(UserInputError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
-
-
-def read_torch_file(path: str | os.PathLike, what: str, error: type[Exception] = CheckpointError,
-                    damaged: str = "corrupt") -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)``, the one guard around it in volpre.
-
-    Args:
-        path: the file.
-        what: what it should hold, for messages (``"checkpoint"``, ``"pretrained encoder weights"``).
-        error: the exception type raised (callers use their own layer's error).
-        damaged: the end of the message for an unreadable file: "it may be truncated or <damaged>".
-
-    Raises:
-        ``error``: the file is missing, empty, or ``torch.load`` cannot read it; the message
-        names the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except MemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
-        try:
-            empty = path.stat().st_size == 0
-        except OSError:
-            empty = False
-        detail = "the file is empty" if empty else f"{type(exc).__name__}: {_first_line(exc) or 'no message'}"
-        raise error(f"{what} {path}: cannot be read ({detail}); it may be truncated or {damaged}") from exc
 
 
 def state_checksum(state: dict[str, Any]) -> str:
@@ -138,7 +103,7 @@ def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_verified(path: Path) -> dict[str, Any]:
-    state = read_torch_file(path, "checkpoint", damaged="not a volpre checkpoint")
+    state = read_torch_file(path, "checkpoint", CheckpointError, damaged="not a volpre checkpoint")
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path}: not a volpre pretraining checkpoint (missing {', '.join(missing)})")

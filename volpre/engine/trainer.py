@@ -702,7 +702,7 @@ class Pretraining:
 
 def _initialise_encoder(encoder: torch.nn.Module, cfg: RunConfig, path: Path, fmt: str) -> dict[str, str]:
     """Load ``--init`` weights into the encoder strictly (:mod:`volpre.models.init_weights`); their record."""
-    from volpre.export.weights import load_strictly
+    from volpre.models.weights import load_strictly
     from volpre.models.init_weights import read_init_state
 
     state, found, file = read_init_state(path, fmt)

@@ -7,6 +7,10 @@
 - :mod:`~volpre.evaluate.runs`: one run of the bundle's ``train.json`` through ``ConfigWorkflow``.
 - :mod:`~volpre.evaluate.budget`: the Ignite handler that stops a run after N optimiser steps.
 - :mod:`~volpre.evaluate.summary`: mean ± sd over seeds, the table, the plot.
+
+Imports: errors, files, versions, config, data, models, survival, export (it fine-tunes exported
+bundles); never the engine (which is handed the training probe, not importing this package) or
+the commands.
 """
 
 from volpre.evaluate.budget import StepBudget

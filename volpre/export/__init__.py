@@ -2,7 +2,7 @@
 
 - :func:`export_bundle` (``volpre export``) writes a bundle from the templates in ``bundles/``.
 - :mod:`~volpre.export.source` checks a checkpoint's encoder; :mod:`~volpre.export.keymap` maps
-  its keys onto the bundle network; :mod:`~volpre.export.weights` reads and loads weight files
+  its keys onto the bundle network; :mod:`~volpre.models.weights` reads and loads weight files
   strictly, listing every mismatch.
 - Bundle components (named by the bundle configs, so they live in the installed package):
   :mod:`~volpre.export.networks` (``network_def`` factories), :mod:`~volpre.export.datalist`
@@ -10,10 +10,13 @@
   (encoder learning rate, freezing).
 - :mod:`~volpre.export.schema`: MONAI's metadata schema shipped with volpre, for offline verification
   (``python -m volpre.export.schema PATH``).
+
+Imports: errors, files, config, data, models, survival, engine's checkpoint reader; never
+evaluate, demo, bench or commands.
 """
 
 from volpre.export.builder import export_bundle
 from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
-from volpre.export.weights import WeightsError
+from volpre.models.weights import WeightsError
 
 __all__ = ["PretrainedEncoder", "WeightsError", "export_bundle", "read_pretrained_encoder"]

@@ -46,8 +46,8 @@ from volpre.export.metadata import Provenance, fill_metadata, installed_package_
 from volpre.export.source import PretrainedEncoder, read_pretrained_encoder
 from volpre.export.templates import TASKS, templates_root
 from volpre.export.transforms import check_ct_window
-from volpre.export.weights import check_state_dict
 from volpre.files import atomic_torch_save, check_new_output, remove_stale_temporaries, temporary_path
+from volpre.models.weights import check_state_dict
 
 ENCODER_FILE = "models/pretrained_encoder.pt"
 """Where a bundle keeps the exported encoder, relative to its root."""

@@ -11,7 +11,7 @@ network holding its weights:
   ``CheckpointSaver`` after fine-tuning) is loaded into the whole network.
 
 Both loads are strict: a missing, unexpected or misshapen key (another ResNet depth, another
-Swin ``feature_size``, another ``in_channels``) raises :class:`~volpre.export.weights.WeightsError`
+Swin ``feature_size``, another ``in_channels``) raises :class:`~volpre.models.weights.WeightsError`
 listing all of them.
 """
 
@@ -25,8 +25,8 @@ from monai.networks.nets import FlexibleUNet, SwinUNETR
 from torch import nn
 
 from volpre.export.errors import ExportError
-from volpre.export.weights import check_state_dict, load_strictly, read_state_dict
 from volpre.models import ResNet3DEncoder, SwinEncoder
+from volpre.models.weights import check_state_dict, load_strictly, read_state_dict
 from volpre.survival import SurvivalNet
 
 

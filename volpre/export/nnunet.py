@@ -32,9 +32,9 @@ from volpre.config import RunConfig
 from volpre.data.nnunet_plan import NNUNetPlan
 from volpre.engine.checkpoint import CheckpointError, checkpoint_run_config, load_checkpoint
 from volpre.export.errors import ExportError
-from volpre.export.weights import check_state_dict
 from volpre.files import OutputExistsError, atomic_torch_save, atomic_write_text
 from volpre.models.nnunet import HEAD_KEY, pretraining_network, transferable_keys
+from volpre.models.weights import check_state_dict
 
 WEIGHT_PREFIXES: dict[str, str] = {"model": "", "ema": "module."}
 """Which weights of a checkpoint to export -> the prefix of the network's keys in that state dict."""

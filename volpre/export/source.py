@@ -34,8 +34,8 @@ from packaging.version import InvalidVersion, Version
 from volpre.config import RunConfig
 from volpre.engine.checkpoint import CheckpointError, checkpoint_run_config, load_checkpoint
 from volpre.export.errors import ExportError
-from volpre.export.weights import check_state_dict
 from volpre.models import build_encoder
+from volpre.models.weights import check_state_dict
 
 SWIN_MIN_MONAI = (1, 5)
 """Oldest MONAI release whose Swin ``PatchMerging`` matches today's (changed in MONAI 1.5)."""

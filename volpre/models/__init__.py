@@ -1,4 +1,8 @@
-"""Encoders (a registry named by ``model.encoder``) and the light pretraining decoder."""
+"""Encoders (a registry named by ``model.encoder``), the light pretraining decoders, ``--init``
+weight layouts (:mod:`~volpre.models.init_weights`) and strict weight loading (:mod:`~volpre.models.weights`).
+
+Imports: errors, files, config, data (an nnU-Net plan's network); no objective, engine or export code.
+"""
 
 from volpre.models.contract import FEATURE_STRIDES, check_encoder_input
 from volpre.models.decoder import SparKLightDecoder, UNetDecoder

@@ -2,7 +2,7 @@
 
 Each format has an explicit key map onto volpre's encoder keys (which are MONAI's own layouts, see
 :mod:`volpre.models`); the mapped state dict must then fit the run's encoder exactly (every
-missing, unexpected or misshapen key is listed, :func:`volpre.export.weights.check_state_dict`).
+missing, unexpected or misshapen key is listed, :func:`volpre.models.weights.check_state_dict`).
 
 - ``medicalnet``: Tencent MedicalNet ``resnet_N[_23dataset].pth``, ``{"state_dict": {"module.<key>": ...}}``.
   MONAI's own MedicalNet loader (``monai.networks.nets.resnet._load_state_dict``) drops ``module.`` and

@@ -1,5 +1,8 @@
 """Pretraining objectives: disruptive autoencoder (``dae``), masked volume modeling (``mvm``), and
-contrastive learning of augmented views (``simclr``) or of several scans of one subject (``micle``)."""
+contrastive learning of augmented views (``simclr``) or of several scans of one subject (``micle``).
+
+Imports: config, data (modality classes, items), models; never the engine that trains them.
+"""
 
 from volpre.objectives.base import ObjectiveOutput, Pretrainer, draw_and_forward
 from volpre.objectives.contrastive import ContrastivePretrainer, ProjectionHead

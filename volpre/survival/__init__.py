@@ -3,6 +3,8 @@
 Shared layouts (:mod:`volpre.survival.layout`): risk ``(B,)`` or ``(B, 1)`` log-hazard (higher =
 earlier event); label ``(B, 2)`` float with columns ``[time, event]`` (event 1 = observed,
 0 = censored).
+
+Imports: nothing of volpre (torch, numpy, MONAI, Ignite): the export and evaluation layers use it.
 """
 
 from volpre.survival.concordance import concordance_index

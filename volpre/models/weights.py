@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from volpre.engine.checkpoint import read_torch_file
 from volpre.errors import UserInputError
+from volpre.files import read_torch_file
 
 
 class WeightsError(UserInputError, RuntimeError):
