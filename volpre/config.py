@@ -525,7 +525,11 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def validate(self) -> None:
-        """Check every section, then the rules that span sections."""
+        """Check every section, then the rules that span sections.
+
+        Long because it is a list of independent cross-section rules, each a condition and its
+        message, read top to bottom; splitting it would only scatter them.
+        """
         for section in _walk_sections(self):
             check = getattr(section, "validate", None)
             if check is not None and section is not self:

@@ -290,6 +290,9 @@ def _scan_file(path: Path) -> tuple[str, _SeriesIdentity, list[DicomSlice]] | Sk
 
 
 def _slices_of(path: Path, ds: Dataset) -> tuple[str, _SeriesIdentity, list[DicomSlice]] | SkippedFile:
+    """The checks of one DICOM object, in the order a file fails them, each returning a SkippedFile
+    that names the problem (or the slices of a good file). Long because it is one flat sequence of
+    guard clauses."""
     sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     modality = _text(ds, "Modality")
     if sop_class is None:

@@ -159,6 +159,9 @@ def write_multiframe_dicom(
     PlaneOrientationSequence and PixelValueTransformationSequence are shared, PlanePositionSequence
     and FrameContentSequence are per frame (frame ``k`` is slice ``k``). Arguments as for
     :func:`write_dicom_series`. Returns ``path``.
+
+    Long because an Enhanced multi-frame object is built attribute by attribute in the order of the
+    DICOM modules (shared and per-frame functional groups); each block is a few assignments.
     """
     volume = np.asarray(volume)
     n_frames = _check_volume(volume)

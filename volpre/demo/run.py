@@ -352,6 +352,10 @@ def run_demo(out: Path, subjects: int = DEFAULT_SUBJECTS, seed: int = 0, pretrai
     image noise (10..18 HU), and the bundles' intensity augmentation (shifts of up to 0.1) moves
     every voxel by up to 200 HU; at [-175, 250] HU the same tissues differ by 0.05 and a shift is
     at most 42 HU.
+
+    Long because it is the demo's script: the steps of the whole path in order (data, index, check,
+    pretrain, probes, export, fine-tunes, report), each a call and its timing; the work is in the
+    functions it calls.
     """
     epochs = {**DEFAULT_EPOCHS, **(epochs or {})}
     started = time.perf_counter()

@@ -219,7 +219,12 @@ class Pretraining:
         """``splits``: the manifest splits to train on (None: every entry; on resume, None means the
         checkpoint's). ``init``: ``(PATH, FORMAT)`` of weights to start the encoder from. ``new_data``:
         with ``resume``, continue even if the data differ from the run's. ``probe_factory``: builds
-        the probe a ``probe`` config section asks for."""
+        the probe a ``probe`` config section asks for.
+
+        Long because building a run is a sequence that must stay in this order (config and resume
+        checks, data, model, optimiser, schedule, EMA, DDP, checkpoints, probe), each step a few
+        lines.
+        """
         self.ctx, self.output = ctx, Path(output)
         self.checkpoints = CheckpointManager(self.output / "checkpoints", keep_last=1)
         if new_data and not resume:
@@ -556,6 +561,10 @@ class Pretraining:
         SIGTERM (preemption) or SIGINT stops the run after the current step with a checkpoint:
         at once in one process; under DDP at the next ``log_every`` boundary, where the ranks
         agree (one all-reduce) and stop together.
+
+        Long because it sets up the Ignite engine and holds its one per-step handler, whose order
+        matters (record the loss, probe, log, flush, agree on a stop, check for divergence,
+        checkpoint, stop); the pieces it calls (``_flush``, ``_run_probe``, ``_checkpoint``) follow it.
         """
         cfg, ctx = self.cfg, self.ctx
         result = PretrainResult(output=self.output, final_step=self.step, checkpoint=None)

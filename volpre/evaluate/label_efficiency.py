@@ -128,6 +128,9 @@ def evaluate_label_efficiency(
             comparable pair in ``val``; an export argument that does not fit the checkpoint.
         ManifestError: the manifest cannot be read.
         CheckpointError, WeightsError: the checkpoint cannot be exported (from ``volpre export``).
+
+    Long because it is the protocol end to end in order: checks, export, the (seed, fraction, arm)
+    loop, statistics and the files written; the pieces are in sampling, runs and summary.
     """
     out = Path(out)
     check_new_output(out, "evaluation output", " (remove it or choose another --out)")

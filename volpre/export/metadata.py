@@ -107,6 +107,9 @@ def fill_metadata(
         out_channels: segmentation classes including background; ``None`` for survival.
         provenance: the checkpoint's and pretraining manifest's names and digests.
         ct_window: the fine-tuning CT window ``(low, high)`` in HU (the bundle's ``ct_window``).
+
+    Long because MONAI's metadata.json is a nested document filled field by field (versions, inputs,
+    outputs, provenance); each block sets one part of it.
     """
     meta = copy.deepcopy(template)
     versions = installed_package_versions()

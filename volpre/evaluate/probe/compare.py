@@ -140,6 +140,9 @@ def compare_with_random_init(
             :func:`volpre.evaluate.probe.data.load_probe_data`).
         ManifestError, VolumeError: the manifest or one of its volumes cannot be read.
         CheckpointError, WeightsError: the checkpoint cannot be read or its encoder does not fit its config.
+
+    Long because it is the comparison in order (data, the checkpoint's arm, one random-init arm per
+    seed, paired differences, results.json); the probes themselves are in segmentation and survival.
     """
     out = Path(out)
     check_new_output(out, "probe output", " (remove it or choose another --out)")
