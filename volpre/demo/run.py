@@ -82,7 +82,7 @@ FINETUNE_LR = 2e-3
 encoder gets a tenth of it in the pretrained arm)."""
 DEFAULT_PRETRAIN_STEPS = 30
 """Pretraining steps. These defaults (30 steps; 3 and 10 fine-tuning epochs) are sized so that the
-whole demo ends within 10 minutes on 2 quiet CPU cores (7 min 51 s measured; about 30 min when the
+whole demo ends within 10 minutes on 2 quiet CPU cores (8 min 3 s measured; about 30 min when the
 machine is shared at load 8); they are far from trained models."""
 BOOTSTRAP_RESAMPLES = 2000
 PROBE_SEEDS = 1
