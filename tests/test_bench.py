@@ -164,7 +164,7 @@ def test_reference_views_rotate_back_and_drop_patches_in_a_copy():
 def test_failing_benchmark_process_reports_its_error(tmp_path):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
-    with pytest.raises(RuntimeError, match=r"benchmark step write_bench_ct failed: FileExistsError: "
+    with pytest.raises(RuntimeError, match=r"benchmark step write_bench_ct failed: OutputExistsError: "
                                            r"benchmark volumes output .*taken is a non-empty directory"):
         run_isolated(write_bench_ct, tmp_path / "taken", 1)
 
