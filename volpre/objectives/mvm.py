@@ -104,13 +104,10 @@ def _score(
 
 class _MaskedVolumePretrainer(Pretrainer):
     """What SimMIM and SparK share: draw a grid mask per crop, reconstruct, score the masked voxels.
-    A subclass sets ``cfg`` (the ``objective.mvm`` section) and defines :meth:`reconstruct`."""
+    Each subclass sets ``cfg`` (the ``objective.mvm`` section) and defines ``reconstruct(image,
+    masked_grid)``: ``(B, C, X, Y, Z)`` and a ``(B, 1, gx, gy, gz)`` bool mask -> ``(B, C, X, Y, Z)``."""
 
     cfg: MVMConfig
-
-    def reconstruct(self, image: torch.Tensor, masked_grid: torch.Tensor) -> torch.Tensor:
-        """``(B, C, X, Y, Z)`` and a ``(B, 1, gx, gy, gz)`` bool mask -> reconstruction ``(B, C, X, Y, Z)``."""
-        raise NotImplementedError
 
     def draw(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """``{"mask": (B, 1, gx, gy, gz) bool}``: the masked ``mask_patch^3`` cells of each crop."""
