@@ -109,10 +109,10 @@ def _add_steps_options(q: argparse.ArgumentParser, steps: int, measured: str) ->
 def _add_data(bsub) -> None:
     q = add_command(bsub, "data", run_data,
                     help="random-crop throughput: plain MONAI, PersistentDataset, volpre cold and warm",
-                    description="Measure, on the same CT NIfTI files, crops/s, seconds, peak memory and cache "
-                    "size of (a) the plain MONAI pipeline, (b) the same with MONAI's PersistentDataset, (c) "
-                    "volpre's loader building its cache and (d) volpre's loader on the built cache. Prints a "
-                    "table with ratios against (a).")
+                    description="""Measure, on the same CT NIfTI files, crops/s, seconds, peak memory and cache size of
+                    (a) the plain MONAI pipeline, (b) the same with MONAI's PersistentDataset, (c) volpre's loader
+                    building its cache and (d) volpre's loader on the built cache. Prints a table with ratios against
+                    (a).""")
     q.add_argument("manifest", type=Path)
     add_xyz_option(q, "--roi", int, required=True, help="crop size in voxels, e.g. 96 96 64")
     q.add_argument("--workers", type=int, help="DataLoader workers of every pipeline (default: data.num_workers; "
@@ -131,11 +131,11 @@ def _add_step(bsub) -> None:
     q = add_command(bsub, "step", run_step,
                     help="steady-state pretraining step: data wait, host-to-device, forward, backward, "
                     "optimizer; FLOPs, peak memory; optionally against the MONAI Swin-SSL recipe",
-                    description="Time the phases of pretraining steps with the trainer's own step, model, "
-                    "optimizer and crop stream on a warm cache; print each phase's share, samples/s, FLOPs per "
-                    "sample and peak device memory. --reference monai-swin-ssl also times the step of MONAI's "
-                    "Swin-UNETR self-supervised recipe (rotation, contrastive and reconstruction heads) at the "
-                    "same crop, batch and precision, and prints the ratio.")
+                    description="""Time the phases of pretraining steps with the trainer's own step, model, optimizer
+                    and crop stream on a warm cache; print each phase's share, samples/s, FLOPs per sample and peak
+                    device memory. --reference monai-swin-ssl also times the step of MONAI's Swin-UNETR self-supervised
+                    recipe (rotation, contrastive and reconstruction heads) at the same crop, batch and precision, and
+                    prints the ratio.""")
     q.add_argument("--config", required=True, help="shipped config name or a YAML path")
     q.add_argument("--manifest", type=Path, help="default: the demo data (4 subjects), written to a temporary folder")
     _add_steps_options(q, 20, "measured steps")
@@ -153,11 +153,11 @@ def _add_gpu(bsub) -> None:
     q = add_command(bsub, "gpu", run_gpu,
                     help="GPU acceptance: every full-size config for a few steps, fp16, compile, "
                     "gradient checkpointing, the reference recipe, torchrun; one JSON",
-                    description="Run each acceptance case in its own process (bench step of every shipped "
-                    "full-size config at its real crop size in bf16; resnet-dae in fp16; swin-dae compiled, "
-                    "with gradient checkpointing and against monai-swin-ssl; volpre pretrain under torchrun) "
-                    "and write OUT/gpu_acceptance.json with samples/s, peak memory, first and last loss, FLOPs "
-                    "and model FLOP utilisation, and each failure's traceback. Exit 1 if any case failed.")
+                    description="""Run each acceptance case in its own process (bench step of every shipped full-size
+                    config at its real crop size in bf16; resnet-dae in fp16; swin-dae compiled, with gradient
+                    checkpointing and against monai-swin-ssl; volpre pretrain under torchrun) and write
+                    OUT/gpu_acceptance.json with samples/s, peak memory, first and last loss, FLOPs and model FLOP
+                    utilisation, and each failure's traceback. Exit 1 if any case failed.""")
     q.add_argument("--out", type=Path, required=True, help="folder for the JSON, the cases' logs and the demo data")
     _add_steps_options(q, 30, "measured steps per case")
     q.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default: cuda (cpu: a smoke run)")
@@ -175,9 +175,9 @@ def _add_gpu(bsub) -> None:
 def _add_ct_volumes(bsub) -> None:
     q = add_command(bsub, "ct-volumes", run_ct_volumes,
                     help="write CT volumes of realistic size for `bench data` (deterministic)",
-                    description="Resample the demo CT phantoms to SHAPE voxels of SPACING mm, add 12 HU of "
-                    "noise and write int16 .nii.gz files and OUT/manifest.json (ENTRIES entries cycling over "
-                    "the VOLUMES files).")
+                    description="""Resample the demo CT phantoms to SHAPE voxels of SPACING mm, add 12 HU of noise and
+                    write int16 .nii.gz files and OUT/manifest.json (ENTRIES entries cycling over the VOLUMES
+                    files).""")
     q.add_argument("out", type=Path)
     q.add_argument("--volumes", type=int, default=20)
     q.add_argument("--entries", type=int, help="manifest entries (default: one per volume)")

@@ -52,17 +52,16 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = add_command(subparsers, "cache", run,
                     help="preprocess every volume once into the crop cache (exit 1 if any fails)",
-                    description="Run the deterministic preprocessing (checked read, RAS, resampling, "
-                    "foreground crop, MR z-score) once per volume of a manifest and store it where "
-                    "pretraining reads its random crops from (data.cache_dir; default: .volpre_cache beside "
-                    "the manifest). Existing entries are verified in full; missing, stale (source, config or "
-                    "version changed) and corrupt ones are rebuilt, so a relaunch after a kill builds only "
-                    "what is missing. `volpre pretrain` does the same on first use of each volume. Under "
-                    "torchrun (one node or many: `torchrun --nnodes N --nproc_per_node P -m volpre cache "
-                    "...`) or SLURM (srun, one task per process) the ranks split the sources between them, "
-                    "each built exactly once, and rank 0 prints one summary; every node must see the same "
-                    "cache folder. Exit status 1 if a source is bad data; a cache that cannot be written "
-                    "(full disk, quota, read-only filesystem) stops at once with one line, exit status 2.")
+                    description="""Run the deterministic preprocessing (checked read, RAS, resampling, foreground crop,
+                    MR z-score) once per volume of a manifest and store it where pretraining reads its random crops
+                    from (data.cache_dir; default: .volpre_cache beside the manifest). Existing entries are verified in
+                    full; missing, stale (source, config or version changed) and corrupt ones are rebuilt, so a
+                    relaunch after a kill builds only what is missing. `volpre pretrain` does the same on first use of
+                    each volume. Under torchrun (one node or many: `torchrun --nnodes N --nproc_per_node P -m volpre
+                    cache ...`) or SLURM (srun, one task per process) the ranks split the sources between them, each
+                    built exactly once, and rank 0 prints one summary; every node must see the same cache folder. Exit
+                    status 1 if a source is bad data; a cache that cannot be written (full disk, quota, read-only
+                    filesystem) stops at once with one line, exit status 2.""")
     p.add_argument("manifest", type=Path)
     p.add_argument("--config", required=True, help="shipped config name or a YAML path (its preprocess and data "
                    "sections apply)")

@@ -29,12 +29,11 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = add_command(subparsers, "demo", run, help="run the whole path on the demo data (minutes on a CPU)",
-                    description="Demo data -> index -> check -> pretrain a tiny encoder -> export a "
-                    "segmentation and a survival bundle -> fine-tune each with `python -m monai.bundle run`, "
-                    "pretrained and from scratch -> scores on the test split (Dice per class; C-index with "
-                    "its 95% bootstrap interval and n), beside frozen-feature probes of the encoder against "
-                    "random initialisation (volpre evaluate probe), in OUT/report.md and OUT/report.json. "
-                    "Synthetic data, one run per arm.")
+                    description="""Demo data -> index -> check -> pretrain a tiny encoder -> export a segmentation and
+                    a survival bundle -> fine-tune each with `python -m monai.bundle run`, pretrained and from scratch
+                    -> scores on the test split (Dice per class; C-index with its 95% bootstrap interval and n), beside
+                    frozen-feature probes of the encoder against random initialisation (volpre evaluate probe), in
+                    OUT/report.md and OUT/report.json. Synthetic data, one run per arm.""")
     p.add_argument("--out", type=Path, default=Path("demo_run"),
                    help="output folder (default demo_run; an earlier demo there is replaced)")
     p.add_argument("--subjects", type=int, default=16,

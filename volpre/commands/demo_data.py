@@ -21,8 +21,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = add_command(subparsers, "demo-data", run, help="write the small deterministic demo dataset and its manifest",
-                    description="Write synthetic CT torso and MR head phantoms (NIfTI, NRRD, MetaImage and "
-                    "DICOM series), labels and survival outcomes, with OUT/manifest.json.")
+                    description="""Write synthetic CT torso and MR head phantoms (NIfTI, NRRD, MetaImage and DICOM
+                    series), labels and survival outcomes, with OUT/manifest.json.""")
     p.add_argument("out", type=Path)
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -72,16 +72,15 @@ def _add_label_efficiency(esub) -> None:
     q = add_command(esub, "label-efficiency", run_label_efficiency,
                     help="fine-tune pretrained vs scratch on fractions of the labelled subjects, several seeds; "
                     "score each on the val split",
-                    description="Export the checkpoint as a bundle (OUT/bundle) once; then for every seed and "
-                    "fraction draw that fraction of the labelled training subjects (split train; all scans of a "
-                    "subject together; smaller fractions nested in larger ones) and fine-tune the bundle's "
-                    "train.json on them twice, from the pretrained encoder and from scratch, with the same "
-                    "seed and step budget. Each run's final weights are scored on the fixed val split (Dice "
-                    "over foreground classes, or C-index). Writes OUT/results.json and OUT/label_efficiency.png "
-                    "and prints, per fraction, each arm's mean over seeds and the paired difference pretrained - "
-                    "scratch, each with its 95% Student t interval over seeds. A pretrained encoder gets a "
-                    "tenth of the head's learning rate, a scratch one the full rate (each record says so); "
-                    "pass encoder_learning_rate=VALUE for equal rates.")
+                    description="""Export the checkpoint as a bundle (OUT/bundle) once; then for every seed and
+                    fraction draw that fraction of the labelled training subjects (split train; all scans of a subject
+                    together; smaller fractions nested in larger ones) and fine-tune the bundle's train.json on them
+                    twice, from the pretrained encoder and from scratch, with the same seed and step budget. Each run's
+                    final weights are scored on the fixed val split (Dice over foreground classes, or C-index). Writes
+                    OUT/results.json and OUT/label_efficiency.png and prints, per fraction, each arm's mean over seeds
+                    and the paired difference pretrained - scratch, each with its 95% Student t interval over seeds. A
+                    pretrained encoder gets a tenth of the head's learning rate, a scratch one the full rate (each
+                    record says so); pass encoder_learning_rate=VALUE for equal rates.""")
     _add_pretrained_option(q)
     q.add_argument("--manifest", required=True, type=Path,
                    help="volpre manifest: split train is sampled by subject, split val scores every run")
@@ -106,16 +105,15 @@ def _add_label_efficiency(esub) -> None:
 
 
 def _add_probe(esub) -> None:
-    q = add_command(esub, "probe", run_probe,
-                    help="frozen-feature probe: the checkpoint's encoder vs the same encoder at random "
-                    "initialisation (seconds to minutes for tiny encoders)",
-                    description="Extract frozen features of the labelled train and val entries (preprocessed "
-                    "with the checkpoint's own preprocess config) with the checkpoint's encoder and with the same "
-                    "architecture at random initialisation (seed s for seed s), fit a light head on train and "
-                    "score it on val. Segmentation: a linear 1x1x1 head on all five feature maps, upsampled; mean "
-                    "foreground Dice and Dice per class (MONAI compute_dice). Survival: an L2-penalised Cox model "
-                    "on pooled features (plus covariates); Harrell's C-index. Writes OUT/results.json and prints "
-                    "mean ± sd over seeds per arm.")
+    q = add_command(esub, "probe", run_probe, help="frozen-feature probe: the checkpoint's encoder vs the same encoder "
+                    "at random initialisation (seconds to minutes for tiny encoders)",
+                    description="""Extract frozen features of the labelled train and val entries (preprocessed with the
+                    checkpoint's own preprocess config) with the checkpoint's encoder and with the same architecture at
+                    random initialisation (seed s for seed s), fit a light head on train and score it on val.
+                    Segmentation: a linear 1x1x1 head on all five feature maps, upsampled; mean foreground Dice and
+                    Dice per class (MONAI compute_dice). Survival: an L2-penalised Cox model on pooled features (plus
+                    covariates); Harrell's C-index. Writes OUT/results.json and prints mean ± sd over seeds per
+                    arm.""")
     _add_pretrained_option(q)
     q.add_argument("--manifest", required=True, type=Path,
                    help="volpre manifest with labelled entries: split train fits the head, split val scores it")

@@ -20,12 +20,12 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(subparsers) -> None:
     p = add_command(subparsers, "index", run,
                     help="walk folders and write a manifest (one entry per volume or DICOM series)",
-                    description="Walk folders of NIfTI/NRRD/MetaImage files and DICOM studies; write a "
-                    "manifest with one entry per volume file or DICOM series (shape and spacing from "
-                    "headers; no pixel reads for DICOM; the modality of other files from --modality rules, "
-                    "their JSON sidecar, BIDS suffix or header, else their voxel values) and the files it "
-                    "could not use, with reasons: unreadable files and folders, link loops, broken links, "
-                    "damaged headers, files whose modality nothing decides. None of them stops the index.")
+                    description="""Walk folders of NIfTI/NRRD/MetaImage files and DICOM studies; write a manifest with
+                    one entry per volume file or DICOM series (shape and spacing from headers; no pixel reads for
+                    DICOM; the modality of other files from --modality rules, their JSON sidecar, BIDS suffix or
+                    header, else their voxel values) and the files it could not use, with reasons: unreadable files and
+                    folders, link loops, broken links, damaged headers, files whose modality nothing decides. None of
+                    them stops the index.""")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="folders or files to index")
     p.add_argument("--out", required=True, type=Path, help="manifest to write (JSON)")
     p.add_argument("--modality", action="append", metavar="CODE|PATTERN=CODE",

@@ -22,7 +22,8 @@ class UserError(UserInputError):
 def add_command(subparsers, name: str, run: Callable[[argparse.Namespace], int], help: str,
                 description: str | None = None) -> argparse.ArgumentParser:
     """The parser of command (or action) ``name``: ``help`` is its line in its parent's ``--help``,
-    ``description`` heads its own; ``run`` is stored in ``args.run``, which :func:`volpre.cli.main` calls."""
+    ``description`` heads its own (a paragraph: argparse folds its white space and wraps it to the
+    terminal); ``run`` is stored in ``args.run``, which :func:`volpre.cli.main` calls."""
     p = subparsers.add_parser(name, help=help, description=description)
     p.set_defaults(run=run)
     return p

@@ -45,11 +45,11 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     p = add_command(subparsers, "pretrain", run, help="pretrain an encoder (one process, or many under torchrun)",
-                    description="Pretrain an encoder on a manifest's volumes. Writes OUTPUT/metrics.jsonl, "
-                    "OUTPUT/checkpoints/ (last.pt, best.pt, step_*.pt, each with a checksum verified on "
-                    "load) and TensorBoard events under OUTPUT/tensorboard. A NaN/Inf loss stops the run "
-                    "(exit 2) without writing a checkpoint, so the last one is finite; a full disk stops it "
-                    "with one line. The same command runs under torchrun for DDP.")
+                    description="""Pretrain an encoder on a manifest's volumes. Writes OUTPUT/metrics.jsonl,
+                    OUTPUT/checkpoints/ (last.pt, best.pt, step_*.pt, each with a checksum verified on load) and
+                    TensorBoard events under OUTPUT/tensorboard. A NaN/Inf loss stops the run (exit 2) without writing
+                    a checkpoint, so the last one is finite; a full disk stops it with one line. The same command runs
+                    under torchrun for DDP.""")
     p.add_argument("--config", help="shipped config name (e.g. swin-dae, resnet-mvm-tiny) or a YAML path")
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--output", required=True, type=Path)
