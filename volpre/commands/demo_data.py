@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from volpre.commands.options import UserError, add_command
+from volpre.commands.options import add_command
 
 
 def run(args: argparse.Namespace) -> int:
     from volpre.demo.synthetic import write_demo_data
 
-    try:
-        manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed, size=args.size)
-    except FileExistsError as error:
-        raise UserError(str(error)) from error
+    manifest = write_demo_data(Path(args.out), subjects=args.subjects, seed=args.seed, size=args.size)
     print(f"wrote demo data for {args.subjects} subjects ({args.size}); manifest: {manifest}")
     return 0
 

@@ -11,8 +11,12 @@ from volpre.commands.options import (UserError, add_actions, add_command, add_ct
 
 
 def _evaluate(work, *args, **kwargs):
-    """``work(*args, **kwargs)`` with its progress lines on stderr; an output folder that exists is the
-    user's input (an :class:`~volpre.evaluate.EvaluationError` is one already)."""
+    """``work(*args, **kwargs)`` with its progress lines on stderr. A folder the evaluation finds
+    already there is the user's input: an ``--out`` that is not new or empty is one already
+    (:class:`~volpre.files.OutputExistsError`, as an :class:`~volpre.evaluate.EvaluationError` is),
+    but label-efficiency also makes a folder per fraction, ``fraction{fraction:g}``, and of two
+    fractions that print alike yet draw different subjects (0.25 and 0.2500001 of four) the second
+    meets the first one's folder as a plain FileExistsError."""
     try:
         return work(*args, say=to_stderr, **kwargs)
     except FileExistsError as error:
