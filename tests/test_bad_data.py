@@ -21,7 +21,7 @@ from volpre.data import dicom as dicom_module
 from volpre.data.dataset import BadEntryLog, PretrainDataset, VolumeGroups
 from volpre.data.errors import as_bad_data
 from volpre.data.dicom import scan_dicom
-from volpre.demo.dicom_writer import write_dicom_series
+from volpre.demo.dicom_writer import SeriesTags, write_dicom_series
 from volpre.data.errors import CacheError, VolumeError
 from volpre.data.manifest import ManifestEntry
 
@@ -162,7 +162,7 @@ def test_type_error_while_building_the_cache_stops_volpre_cache(demo_manifest, t
 
 def test_bug_in_dicom_parsing_is_raised_and_bad_values_are_skipped(tmp_path, monkeypatch):
     volume = np.random.default_rng(0).integers(-1000, 1000, size=(8, 8, 4)).astype(np.float32)
-    paths = write_dicom_series(volume, np.diag([0.8, 0.8, 2.0, 1.0]), tmp_path, modality="CT", patient_id="p1")
+    paths = write_dicom_series(volume, np.diag([0.8, 0.8, 2.0, 1.0]), tmp_path, SeriesTags("CT", "p1"))
     import pydicom
 
     ds = pydicom.dcmread(paths[1])

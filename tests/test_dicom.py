@@ -15,7 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1
 
 from volpre.data.dicom import load_dicom_series, scan_dicom, stack_affine
-from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
+from volpre.demo.dicom_writer import SeriesTags, deterministic_uid, write_dicom_series, write_multiframe_dicom
 from volpre.data.errors import VolumeError
 from volpre.data.readers import read_header, read_volume
 
@@ -28,11 +28,11 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def write_ct(folder: Path, affine: np.ndarray = AXIAL, shape=(16, 16, 8), seed: int = 0, **kwargs) -> list[Path]:
+def write_ct(folder: Path, affine: np.ndarray = AXIAL, shape=(16, 16, 8), seed: int = 0, file_names=None,
+             **tags) -> list[Path]:
     volume = np.random.default_rng(seed).integers(-1000, 1000, size=shape).astype(np.float32)
-    kwargs.setdefault("patient_id", "p1")
-    return write_dicom_series(volume, affine, folder, modality=kwargs.pop("modality", "CT"),
-                              rescale_intercept=-1024.0, **kwargs)
+    tags = {"modality": "CT", "patient_id": "p1", **tags}
+    return write_dicom_series(volume, affine, folder, SeriesTags(**tags, rescale_intercept=-1024.0), file_names)
 
 
 def edit(path: Path, **attributes) -> None:
@@ -249,7 +249,7 @@ def test_every_problem_is_listed(tmp_path):
 
 def test_enhanced_frames_pass_the_same_checks(tmp_path):
     volume = np.random.default_rng(0).integers(-1000, 1000, size=(16, 16, 6)).astype(np.float32)
-    path = write_multiframe_dicom(volume, AXIAL, tmp_path / "enhanced.dcm", modality="CT", patient_id="p")
+    path = write_multiframe_dicom(volume, AXIAL, tmp_path / "enhanced.dcm", SeriesTags("CT", "p"))
     series = scan_dicom([path]).series[0]
     assert series.files == [path] and [s.frame for s in series.slices] == list(range(6))
     ds = pydicom.dcmread(path)

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import UID
 
-from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
+from volpre.demo.dicom_writer import SeriesTags, deterministic_uid, write_dicom_series, write_multiframe_dicom
 
 AFFINE = np.array([[0.0, 0.0, 2.5, 5.0], [-0.7, 0.0, 0.0, 6.0], [0.0, -0.9, 0.0, 7.0], [0, 0, 0, 1]])
 
@@ -23,8 +23,9 @@ def volume(low: float = -1000, high: float = 1000, shape=(5, 4, 3)) -> np.ndarra
 
 def test_series_attributes(tmp_path):
     data = volume()
-    paths = write_dicom_series(data, AFFINE, tmp_path, modality="CT", patient_id="p7", series_description="axial",
-                               series_number=3, rescale_slope=2.0, rescale_intercept=-1000.0)
+    tags = SeriesTags("CT", "p7", series_description="axial", series_number=3, rescale_slope=2.0,
+                      rescale_intercept=-1000.0)
+    paths = write_dicom_series(data, AFFINE, tmp_path, tags)
     assert [p.name for p in paths] == ["0000.dcm", "0001.dcm", "0002.dcm"]
     datasets = [pydicom.dcmread(p) for p in paths]  # no force: preamble, DICM and file meta are there
     first = datasets[0]
@@ -46,26 +47,25 @@ def test_series_attributes(tmp_path):
 
 
 def test_writing_is_deterministic(tmp_path):
-    first = write_dicom_series(volume(), AFFINE, tmp_path / "a", modality="MR", patient_id="p")
-    second = write_dicom_series(volume(), AFFINE, tmp_path / "b", modality="MR", patient_id="p")
+    first = write_dicom_series(volume(), AFFINE, tmp_path / "a", SeriesTags("MR", "p"))
+    second = write_dicom_series(volume(), AFFINE, tmp_path / "b", SeriesTags("MR", "p"))
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     assert deterministic_uid("x") == deterministic_uid("x") != deterministic_uid("y")
-    mf1 = write_multiframe_dicom(volume(), AFFINE, tmp_path / "1.dcm", modality="CT", patient_id="p")
-    mf2 = write_multiframe_dicom(volume(), AFFINE, tmp_path / "2.dcm", modality="CT", patient_id="p")
+    mf1 = write_multiframe_dicom(volume(), AFFINE, tmp_path / "1.dcm", SeriesTags("CT", "p"))
+    mf2 = write_multiframe_dicom(volume(), AFFINE, tmp_path / "2.dcm", SeriesTags("CT", "p"))
     assert mf1.read_bytes() == mf2.read_bytes()
 
 
 def test_mr_storage_types(tmp_path):
-    unsigned = write_dicom_series(volume(0, 4000), AFFINE, tmp_path / "u", modality="MR", patient_id="p")
-    signed = write_dicom_series(volume(-10, 10), AFFINE, tmp_path / "s", modality="MR", patient_id="p")
+    unsigned = write_dicom_series(volume(0, 4000), AFFINE, tmp_path / "u", SeriesTags("MR", "p"))
+    signed = write_dicom_series(volume(-10, 10), AFFINE, tmp_path / "s", SeriesTags("MR", "p"))
     assert pydicom.dcmread(unsigned[0]).PixelRepresentation == 0
     assert pydicom.dcmread(signed[0]).PixelRepresentation == 1
     assert pydicom.dcmread(unsigned[0]).SOPClassUID == pydicom.uid.MRImageStorage
 
 
 def test_multiframe_attributes(tmp_path):
-    path = write_multiframe_dicom(volume(), AFFINE, tmp_path / "mf.dcm", modality="MR", patient_id="p",
-                                  rescale_slope=0.5)
+    path = write_multiframe_dicom(volume(), AFFINE, tmp_path / "mf.dcm", SeriesTags("MR", "p", rescale_slope=0.5))
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == pydicom.uid.EnhancedMRImageStorage and ds.NumberOfFrames == 3
     assert ds.pixel_array.shape == (3, 4, 5)
@@ -77,7 +77,7 @@ def test_multiframe_attributes(tmp_path):
 
 
 def test_gdcm_reads_the_series(tmp_path):
-    write_dicom_series(volume(), AFFINE, tmp_path, modality="CT", patient_id="p")
+    write_dicom_series(volume(), AFFINE, tmp_path, SeriesTags("CT", "p"))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
     image = reader.Execute()
@@ -89,14 +89,14 @@ def test_writer_errors(tmp_path):
     with pytest.raises(ValueError, match=r"CT values -995.0..994.0 with rescale slope 0.01 and intercept 0.0 need "
                                          r"stored values -99500..99400, outside int16 \[-32768, 32767\]; choose "
                                          r"another rescale"):
-        write_dicom_series(volume(), AFFINE, tmp_path, modality="CT", patient_id="p", rescale_slope=0.01)
+        write_dicom_series(volume(), AFFINE, tmp_path, SeriesTags("CT", "p", rescale_slope=0.01))
     sheared = AFFINE.copy()
     sheared[:3, 1] = [0.0, 0.5, -0.9]
     with pytest.raises(ValueError, match=r"affine's first two columns must be orthogonal"):
-        write_dicom_series(volume(), sheared, tmp_path, modality="CT", patient_id="p")
+        write_dicom_series(volume(), sheared, tmp_path, SeriesTags("CT", "p"))
     with pytest.raises(ValueError, match=r"file_names must hold 3 distinct names \(one per slice\), got \['a', 'b'\]"):
-        write_dicom_series(volume(), AFFINE, tmp_path, modality="CT", patient_id="p", file_names=["a", "b"])
+        write_dicom_series(volume(), AFFINE, tmp_path, SeriesTags("CT", "p"), file_names=["a", "b"])
     with pytest.raises(ValueError, match=r"modality must be 'CT' or 'MR', got 'PT'"):
-        write_multiframe_dicom(volume(), AFFINE, tmp_path / "x.dcm", modality="PT", patient_id="p")
+        write_multiframe_dicom(volume(), AFFINE, tmp_path / "x.dcm", SeriesTags("PT", "p"))
     with pytest.raises(ValueError, match=r"volume must be a 3D array \(X, Y, Z\), got shape \(5, 4\)"):
-        write_dicom_series(np.zeros((5, 4)), AFFINE, tmp_path, modality="CT", patient_id="p")
+        write_dicom_series(np.zeros((5, 4)), AFFINE, tmp_path, SeriesTags("CT", "p"))

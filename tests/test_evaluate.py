@@ -28,7 +28,7 @@ from volpre.config import load_config
 from volpre.data.manifest import Manifest, ManifestEntry, load_manifest, save_manifest
 from volpre.evaluate import EvaluationError, StepBudget, parse_bundle_overrides, sample_subjects
 from volpre.evaluate.label_efficiency import DEFAULT_FRACTIONS, DEFAULT_SEEDS
-from volpre.evaluate.runs import check_bundle_overrides, run_workflow
+from volpre.evaluate.runs import FinetuneRun, check_bundle_overrides, run_workflow
 from volpre.evaluate.sampling import check_fractions, select_evaluation_data, subset_size
 from volpre.evaluate.summary import difference_verdict, format_table, plot_label_efficiency, summarize, t_interval
 from volpre.export.templates import templates_root
@@ -434,7 +434,9 @@ def test_arms_of_a_seed_share_everything_but_the_encoder_weights(segmentation_ru
     bundle, manifest = out / "bundle", out / "runs" / "seed0" / "fraction1" / "manifest.json"
 
     def network(pretrained: bool, seed: int) -> dict[str, torch.Tensor]:
-        workflow = run_workflow(bundle, manifest, pretrained, seed, tmp_path / f"{pretrained}{seed}", 1, {})
+        run = FinetuneRun(bundle, manifest, pretrained, seed, tmp_path / f"{pretrained}{seed}", max_steps=1,
+                          overrides={})
+        workflow = run_workflow(run)
         assert workflow.parser.get_parsed_content("train#trainer#max_epochs") == 1
         assert workflow.parser.get_parsed_content("val_interval") == 2  # no validation while training
         return workflow.parser.get_parsed_content("network_def").state_dict()

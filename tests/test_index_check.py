@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from volpre.cli import main
 from volpre.data.check import check_entries
-from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series
+from volpre.demo.dicom_writer import SeriesTags, deterministic_uid, write_dicom_series
 from volpre.data.index import index_paths
 from volpre.data.manifest import load_manifest
 
@@ -43,20 +43,20 @@ def tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("archive")
     study = root / "patient1" / "study1"
     study_uid = deterministic_uid("study1")
-    write_dicom_series(_volume(seed=1).astype(np.float32), AFFINE, study, modality="CT", patient_id="P1",
-                       study_uid=study_uid, series_uid=deterministic_uid("ct-a"), series_number=2,
-                       series_description="soft tissue", rescale_intercept=-1024.0,
+    write_dicom_series(_volume(seed=1).astype(np.float32), AFFINE, study,
+                       SeriesTags("CT", "P1", study_uid=study_uid, series_uid=deterministic_uid("ct-a"),
+                                  series_number=2, series_description="soft tissue", rescale_intercept=-1024.0),
                        file_names=[f"IM{i:04d}" for i in range(8)])
-    write_dicom_series(_volume(seed=2).astype(np.float32), AFFINE, study, modality="CT", patient_id="P1",
-                       study_uid=study_uid, series_uid=deterministic_uid("ct-b"), series_number=3,
-                       series_description="lung", rescale_intercept=-1024.0,
+    write_dicom_series(_volume(seed=2).astype(np.float32), AFFINE, study,
+                       SeriesTags("CT", "P1", study_uid=study_uid, series_uid=deterministic_uid("ct-b"),
+                                  series_number=3, series_description="lung", rescale_intercept=-1024.0),
                        file_names=[f"IN{i:04d}.dcm" for i in range(8)])
-    write_dicom_series(_volume((16, 16, 1), seed=3).astype(np.float32), AFFINE, study, modality="CT",
-                       patient_id="P1", study_uid=study_uid, series_uid=deterministic_uid("scout"),
-                       series_number=1, series_description="scout", rescale_intercept=-1024.0,
+    write_dicom_series(_volume((16, 16, 1), seed=3).astype(np.float32), AFFINE, study,
+                       SeriesTags("CT", "P1", study_uid=study_uid, series_uid=deterministic_uid("scout"),
+                                  series_number=1, series_description="scout", rescale_intercept=-1024.0),
                        file_names=["SCOUT"])
     mr = root / "patient2" / "mr"
-    write_dicom_series(np.abs(_volume(seed=4)).astype(np.float32), AFFINE, mr, modality="MR", patient_id="P2")
+    write_dicom_series(np.abs(_volume(seed=4)).astype(np.float32), AFFINE, mr, SeriesTags("MR", "P2"))
     nifti = root / "nifti"
     nifti.mkdir()
     nib.save(nib.Nifti1Image(_volume((20, 18, 10), seed=5), AFFINE), nifti / "ct.nii.gz")
@@ -257,8 +257,8 @@ def test_index_rejects_what_it_cannot_read_with_the_true_reason_and_finishes(tmp
     nib.save(nib.Nifti1Image(_volume(), AFFINE), root / "locked" / "hidden.nii.gz")
     deny(root / "locked")
     series = root / "series"
-    write_dicom_series(_volume(seed=2).astype(np.float32), AFFINE, series, modality="CT", patient_id="P9",
-                       rescale_intercept=-1024.0, file_names=[f"IM{i:04d}" for i in range(8)])
+    write_dicom_series(_volume(seed=2).astype(np.float32), AFFINE, series,
+                       SeriesTags("CT", "P9", rescale_intercept=-1024.0), file_names=[f"IM{i:04d}" for i in range(8)])
     deny(series / "IM0003")  # suffix-less, as scanners write them
 
     out = tmp_path / "m.json"

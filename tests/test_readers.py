@@ -23,7 +23,7 @@ from monai.transforms import Orientation
 from nibabel.eulerangles import euler2mat
 
 from volpre.data import dicom as dicom_module
-from volpre.demo.dicom_writer import write_dicom_series, write_multiframe_dicom
+from volpre.demo.dicom_writer import SeriesTags, write_dicom_series, write_multiframe_dicom
 from volpre.data.errors import ERROR_KINDS, VolumeError
 from volpre.data.readers import read_header, read_volume, volume_format
 
@@ -180,8 +180,8 @@ def test_dicom_series_with_misleading_names_matches_simpleitk(tmp_path, orientat
     n = data.shape[2]
     order = np.random.default_rng(2).permutation(n)
     names = [f"IM{order[k]:04d}" for k in range(n)]  # file name order says nothing about position
-    paths = write_dicom_series(data, affine, tmp_path / "series", modality="CT", patient_id="p",
-                               rescale_intercept=-1024.0, file_names=names)
+    paths = write_dicom_series(data, affine, tmp_path / "series", SeriesTags("CT", "p", rescale_intercept=-1024.0),
+                               file_names=names)
     for path, number in zip(paths, np.random.default_rng(3).permutation(n)):  # neither do InstanceNumbers
         ds = pydicom.dcmread(path)
         ds.InstanceNumber = int(number) + 1
@@ -196,7 +196,7 @@ def test_dicom_series_with_misleading_names_matches_simpleitk(tmp_path, orientat
 
 def test_dicom_per_slice_rescale(tmp_path):
     data, affine = synthetic_volume(4), AFFINES["oblique"]
-    paths = write_dicom_series(data, affine, tmp_path / "s", modality="CT", patient_id="p", rescale_intercept=-1024.0)
+    paths = write_dicom_series(data, affine, tmp_path / "s", SeriesTags("CT", "p", rescale_intercept=-1024.0))
     for k in range(0, len(paths), 3):  # re-store every third slice with its own slope and intercept
         ds = pydicom.dcmread(paths[k])
         ds.RescaleSlope, ds.RescaleIntercept = 0.5, -2000.0
@@ -214,8 +214,8 @@ def test_enhanced_multiframe_matches_simpleitk(tmp_path, modality):
     data, affine = synthetic_volume(5), AFFINES["permuted"]
     if modality == "MR":
         data = data + 1000.0
-    path = write_multiframe_dicom(data, affine, tmp_path / "enhanced.dcm", modality=modality, patient_id="p",
-                                  rescale_slope=2.0, rescale_intercept=-1000.0)
+    path = write_multiframe_dicom(data, affine, tmp_path / "enhanced.dcm",
+                                  SeriesTags(modality, "p", rescale_slope=2.0, rescale_intercept=-1000.0))
     volume = read_volume(path)
     assert_matches_array(volume, np.rint((data + 1000.0) / 2.0) * 2.0 - 1000.0, affine)
     assert_matches_simpleitk(volume, sitk.ReadImage(str(path)))

@@ -3,7 +3,8 @@
 Each module declares its subcommand in ``add_parser(subparsers)`` (options, help, and the
 ``run`` function argparse stores in ``args.run``) and does its work in ``run(args) -> int``
 (a module with actions, such as ``bench``, has one ``run_ACTION`` each). ``options`` holds what
-several commands share: option declarations, option checks and :class:`~volpre.commands.options.UserError`.
+several commands share: the parser of a command or action with its help and ``run``, option
+declarations, option checks and :class:`~volpre.commands.options.UserError`.
 :mod:`volpre.cli` assembles the modules into one parser and runs the chosen command.
 
 Imports: a command module imports only the standard library, :mod:`volpre.errors` and

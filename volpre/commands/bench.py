@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from volpre.commands.options import UserError, add_device_option, add_xyz_option, check_sizes, check_workers, to_stderr
+from volpre.commands.options import (UserError, add_actions, add_command, add_device_option, add_overrides_argument,
+                                     add_xyz_option, check_sizes, check_workers, to_stderr)
 
 
 def _check_steps(args: argparse.Namespace) -> None:
@@ -88,10 +89,8 @@ def run_ct_volumes(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks: data throughput, training step breakdown, GPU acceptance, "
-                              "benchmark volumes")
-    bsub = p.add_subparsers(dest="bench_command", metavar="ACTION")
-    bsub.required = True
+    bsub = add_actions(subparsers, "bench", help="benchmarks: data throughput, training step breakdown, GPU "
+                       "acceptance, benchmark volumes")
     for add in (_add_data, _add_step, _add_gpu, _add_ct_volumes):
         add(bsub)
 
@@ -100,12 +99,20 @@ def _add_json_option(q: argparse.ArgumentParser) -> None:
     q.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
 
 
+def _add_steps_options(q: argparse.ArgumentParser, steps: int, measured: str) -> None:
+    """``--steps`` (``steps`` by default, each as ``measured`` says) and ``--warmup``, as
+    :func:`_check_steps` checks them."""
+    q.add_argument("--steps", type=int, default=steps, help=f"{measured} (default: {steps})")
+    q.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default: 3)")
+
+
 def _add_data(bsub) -> None:
-    q = bsub.add_parser("data", help="random-crop throughput: plain MONAI, PersistentDataset, volpre cold and warm",
-                        description="Measure, on the same CT NIfTI files, crops/s, seconds, peak memory and cache "
-                        "size of (a) the plain MONAI pipeline, (b) the same with MONAI's PersistentDataset, (c) "
-                        "volpre's loader building its cache and (d) volpre's loader on the built cache. Prints a "
-                        "table with ratios against (a).")
+    q = add_command(bsub, "data", run_data,
+                    help="random-crop throughput: plain MONAI, PersistentDataset, volpre cold and warm",
+                    description="""Measure, on the same CT NIfTI files, crops/s, seconds, peak memory and cache size of
+                    (a) the plain MONAI pipeline, (b) the same with MONAI's PersistentDataset, (c) volpre's loader
+                    building its cache and (d) volpre's loader on the built cache. Prints a table with ratios against
+                    (a).""")
     q.add_argument("manifest", type=Path)
     add_xyz_option(q, "--roi", int, required=True, help="crop size in voxels, e.g. 96 96 64")
     q.add_argument("--workers", type=int, help="DataLoader workers of every pipeline (default: data.num_workers; "
@@ -117,23 +124,21 @@ def _add_data(bsub) -> None:
                    "(default: all)")
     q.add_argument("--min-seconds", type=float, default=3.0, help="warm pipelines repeat passes until this long "
                    "(default: 3)")
-    q.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. preprocess.spacing=[2,2,2]")
-    q.set_defaults(run=run_data)
+    add_overrides_argument(q, "config overrides, e.g. preprocess.spacing=[2,2,2]")
 
 
 def _add_step(bsub) -> None:
-    q = bsub.add_parser("step", help="steady-state pretraining step: data wait, host-to-device, forward, backward, "
-                        "optimizer; FLOPs, peak memory; optionally against the MONAI Swin-SSL recipe",
-                        description="Time the phases of pretraining steps with the trainer's own step, model, "
-                        "optimizer and crop stream on a warm cache; print each phase's share, samples/s, FLOPs per "
-                        "sample and peak device memory. --reference monai-swin-ssl also times the step of MONAI's "
-                        "Swin-UNETR self-supervised recipe (rotation, contrastive and reconstruction heads) at the "
-                        "same crop, batch and precision, and prints the ratio.")
+    q = add_command(bsub, "step", run_step,
+                    help="steady-state pretraining step: data wait, host-to-device, forward, backward, "
+                    "optimizer; FLOPs, peak memory; optionally against the MONAI Swin-SSL recipe",
+                    description="""Time the phases of pretraining steps with the trainer's own step, model, optimizer
+                    and crop stream on a warm cache; print each phase's share, samples/s, FLOPs per sample and peak
+                    device memory. --reference monai-swin-ssl also times the step of MONAI's Swin-UNETR self-supervised
+                    recipe (rotation, contrastive and reconstruction heads) at the same crop, batch and precision, and
+                    prints the ratio.""")
     q.add_argument("--config", required=True, help="shipped config name or a YAML path")
     q.add_argument("--manifest", type=Path, help="default: the demo data (4 subjects), written to a temporary folder")
-    q.add_argument("--steps", type=int, default=20, help="measured steps (default: 20)")
-    q.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default: 3)")
+    _add_steps_options(q, 20, "measured steps")
     add_device_option(q)
     q.add_argument("--amp", choices=["bf16", "fp16", "none"], help="autocast precision (train.amp; default: the "
                    "config's)")
@@ -141,21 +146,20 @@ def _add_step(bsub) -> None:
     q.add_argument("--reference", choices=["monai-swin-ssl"], help="also time this reference recipe's step; its "
                    "Swin needs crops with a side of 64+ and equal last two sides")
     _add_json_option(q)
-    q.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_workers=2")
-    q.set_defaults(run=run_step)
+    add_overrides_argument(q, "config overrides, e.g. data.num_workers=2")
 
 
 def _add_gpu(bsub) -> None:
-    q = bsub.add_parser("gpu", help="GPU acceptance: every full-size config for a few steps, fp16, compile, "
-                        "gradient checkpointing, the reference recipe, torchrun; one JSON",
-                        description="Run each acceptance case in its own process (bench step of every shipped "
-                        "full-size config at its real crop size in bf16; resnet-dae in fp16; swin-dae compiled, "
-                        "with gradient checkpointing and against monai-swin-ssl; volpre pretrain under torchrun) "
-                        "and write OUT/gpu_acceptance.json with samples/s, peak memory, first and last loss, FLOPs "
-                        "and model FLOP utilisation, and each failure's traceback. Exit 1 if any case failed.")
+    q = add_command(bsub, "gpu", run_gpu,
+                    help="GPU acceptance: every full-size config for a few steps, fp16, compile, "
+                    "gradient checkpointing, the reference recipe, torchrun; one JSON",
+                    description="""Run each acceptance case in its own process (bench step of every shipped full-size
+                    config at its real crop size in bf16; resnet-dae in fp16; swin-dae compiled, with gradient
+                    checkpointing and against monai-swin-ssl; volpre pretrain under torchrun) and write
+                    OUT/gpu_acceptance.json with samples/s, peak memory, first and last loss, FLOPs and model FLOP
+                    utilisation, and each failure's traceback. Exit 1 if any case failed.""")
     q.add_argument("--out", type=Path, required=True, help="folder for the JSON, the cases' logs and the demo data")
-    q.add_argument("--steps", type=int, default=30, help="measured steps per case (default: 30)")
-    q.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default: 3)")
+    _add_steps_options(q, 30, "measured steps per case")
     q.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="default: cuda (cpu: a smoke run)")
     q.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16", help="precision of the cases "
                    "(default: bf16; the fp16 case is always fp16)")
@@ -166,18 +170,17 @@ def _add_gpu(bsub) -> None:
     q.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: by device name)")
     q.add_argument("--skip", action="append", default=[], metavar="WORD",
                    help="skip the cases whose name contains WORD (repeatable), e.g. --skip compile")
-    q.set_defaults(run=run_gpu)
 
 
 def _add_ct_volumes(bsub) -> None:
-    q = bsub.add_parser("ct-volumes", help="write CT volumes of realistic size for `bench data` (deterministic)",
-                        description="Resample the demo CT phantoms to SHAPE voxels of SPACING mm, add 12 HU of "
-                        "noise and write int16 .nii.gz files and OUT/manifest.json (ENTRIES entries cycling over "
-                        "the VOLUMES files).")
+    q = add_command(bsub, "ct-volumes", run_ct_volumes,
+                    help="write CT volumes of realistic size for `bench data` (deterministic)",
+                    description="""Resample the demo CT phantoms to SHAPE voxels of SPACING mm, add 12 HU of noise and
+                    write int16 .nii.gz files and OUT/manifest.json (ENTRIES entries cycling over the VOLUMES
+                    files).""")
     q.add_argument("out", type=Path)
     q.add_argument("--volumes", type=int, default=20)
     q.add_argument("--entries", type=int, help="manifest entries (default: one per volume)")
     add_xyz_option(q, "--shape", int, default=[256, 256, 200])
     add_xyz_option(q, "--spacing", float, default=[1.4, 1.4, 1.6])
     q.add_argument("--seed", type=int, default=0)
-    q.set_defaults(run=run_ct_volumes)

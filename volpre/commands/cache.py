@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from volpre.commands.options import add_progress_options, check_interval, check_workers
+from volpre.commands.options import (add_command, add_overrides_argument, add_progress_options, check_interval,
+                                     check_workers)
 
 CACHE_COLLECTIVE_TIMEOUT_H = 24
 """How long ranks that finished their share of ``volpre cache`` wait for the slowest one."""
@@ -49,23 +50,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("cache", help="preprocess every volume once into the crop cache (exit 1 if any fails)",
-                              description="Run the deterministic preprocessing (checked read, RAS, resampling, "
-                              "foreground crop, MR z-score) once per volume of a manifest and store it where "
-                              "pretraining reads its random crops from (data.cache_dir; default: .volpre_cache beside "
-                              "the manifest). Existing entries are verified in full; missing, stale (source, config or "
-                              "version changed) and corrupt ones are rebuilt, so a relaunch after a kill builds only "
-                              "what is missing. `volpre pretrain` does the same on first use of each volume. Under "
-                              "torchrun (one node or many: `torchrun --nnodes N --nproc_per_node P -m volpre cache "
-                              "...`) or SLURM (srun, one task per process) the ranks split the sources between them, "
-                              "each built exactly once, and rank 0 prints one summary; every node must see the same "
-                              "cache folder. Exit status 1 if a source is bad data; a cache that cannot be written "
-                              "(full disk, quota, read-only filesystem) stops at once with one line, exit status 2.")
+    p = add_command(subparsers, "cache", run,
+                    help="preprocess every volume once into the crop cache (exit 1 if any fails)",
+                    description="""Run the deterministic preprocessing (checked read, RAS, resampling, foreground crop,
+                    MR z-score) once per volume of a manifest and store it where pretraining reads its random crops
+                    from (data.cache_dir; default: .volpre_cache beside the manifest). Existing entries are verified in
+                    full; missing, stale (source, config or version changed) and corrupt ones are rebuilt, so a
+                    relaunch after a kill builds only what is missing. `volpre pretrain` does the same on first use of
+                    each volume. Under torchrun (one node or many: `torchrun --nnodes N --nproc_per_node P -m volpre
+                    cache ...`) or SLURM (srun, one task per process) the ranks split the sources between them, each
+                    built exactly once, and rank 0 prints one summary; every node must see the same cache folder. Exit
+                    status 1 if a source is bad data; a cache that cannot be written (full disk, quota, read-only
+                    filesystem) stops at once with one line, exit status 2.""")
     p.add_argument("manifest", type=Path)
     p.add_argument("--config", required=True, help="shipped config name or a YAML path (its preprocess and data "
                    "sections apply)")
     p.add_argument("--workers", type=int, help="processes building entries, per rank (default: data.num_workers)")
     p.add_argument("--split", help="cache only entries of this split (an error if no entry has it)")
     add_progress_options(p, "per rank ")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.cache_dir=/scratch/c")
-    p.set_defaults(run=run)
+    add_overrides_argument(p, "config overrides, e.g. data.cache_dir=/scratch/c")

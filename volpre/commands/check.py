@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from volpre.commands.options import add_progress_options, check_interval, check_workers
+from volpre.commands.options import add_command, add_progress_options, check_interval, check_workers
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,14 +31,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("check", help="open every manifest entry and report problems (exit 1 if any)",
-                              description="Read every image and label of a manifest with all checks; print one line "
-                              "per problem (entry id, file, cause), then a summary. Exit status 0 if all entries are "
-                              "good, 1 if any has a problem, 2 if the manifest itself is bad (schema, non-finite "
-                              "numbers, unknown --split).")
+    p = add_command(subparsers, "check", run, help="open every manifest entry and report problems (exit 1 if any)",
+                    description="""Read every image and label of a manifest with all checks; print one line per problem
+                    (entry id, file, cause), then a summary. Exit status 0 if all entries are good, 1 if any has a
+                    problem, 2 if the manifest itself is bad (schema, non-finite numbers, unknown --split).""")
     p.add_argument("manifest", type=Path)
     p.add_argument("--split", help="check only entries of this split (an error if no entry has it)")
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes reading entries in parallel (default 0: this process)")
     add_progress_options(p)
-    p.set_defaults(run=run)

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from volpre.commands.options import add_command
+
 
 def run(args: argparse.Namespace) -> int:
     """Exit status 0; 1 if a step of the demo failed (a :class:`~volpre.demo.run.DemoError`: a
@@ -26,13 +28,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the whole path on the demo data (minutes on a CPU)",
-                              description="Demo data -> index -> check -> pretrain a tiny encoder -> export a "
-                              "segmentation and a survival bundle -> fine-tune each with `python -m monai.bundle run`, "
-                              "pretrained and from scratch -> scores on the test split (Dice per class; C-index with "
-                              "its 95% bootstrap interval and n), beside frozen-feature probes of the encoder against "
-                              "random initialisation (volpre evaluate probe), in OUT/report.md and OUT/report.json. "
-                              "Synthetic data, one run per arm.")
+    p = add_command(subparsers, "demo", run, help="run the whole path on the demo data (minutes on a CPU)",
+                    description="""Demo data -> index -> check -> pretrain a tiny encoder -> export a segmentation and
+                    a survival bundle -> fine-tune each with `python -m monai.bundle run`, pretrained and from scratch
+                    -> scores on the test split (Dice per class; C-index with its 95% bootstrap interval and n), beside
+                    frozen-feature probes of the encoder against random initialisation (volpre evaluate probe), in
+                    OUT/report.md and OUT/report.json. Synthetic data, one run per arm.""")
     p.add_argument("--out", type=Path, default=Path("demo_run"),
                    help="output folder (default demo_run; an earlier demo there is replaced)")
     p.add_argument("--subjects", type=int, default=16,
@@ -45,4 +46,3 @@ def add_parser(subparsers) -> None:
                    help="fine-tuning epochs of each segmentation arm (default 3; 8 optimiser steps each)")
     p.add_argument("--survival-epochs", type=int,
                    help="fine-tuning epochs of each survival arm (default 10; 3 optimiser steps each)")
-    p.set_defaults(run=run)

@@ -6,13 +6,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from volpre.commands.options import (UserError, add_ct_window_option, add_device_option, add_network_option,
-                                     add_xyz_option, to_stderr)
+from volpre.commands.options import (UserError, add_actions, add_command, add_ct_window_option, add_device_option,
+                                     add_network_option, add_overrides_argument, add_xyz_option, to_stderr)
 
 
 def _evaluate(work, *args, **kwargs):
-    """``work(*args, **kwargs)`` with its progress lines on stderr; an output folder that exists is the
-    user's input (an :class:`~volpre.evaluate.EvaluationError` is one already)."""
+    """``work(*args, **kwargs)`` with its progress lines on stderr. A folder the evaluation finds
+    already there is the user's input: an ``--out`` that is not new or empty is one already
+    (:class:`~volpre.files.OutputExistsError`, as an :class:`~volpre.evaluate.EvaluationError` is),
+    but label-efficiency also makes a folder per fraction, ``fraction{fraction:g}``, and of two
+    fractions that print alike yet draw different subjects (0.25 and 0.2500001 of four) the second
+    meets the first one's folder as a plain FileExistsError."""
     try:
         return work(*args, say=to_stderr, **kwargs)
     except FileExistsError as error:
@@ -62,27 +66,25 @@ def _add_out_option(q: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="evaluate a pretrained encoder: label efficiency against scratch, "
-                              "frozen-feature probes against random initialisation")
-    esub = p.add_subparsers(dest="evaluate_command", metavar="ACTION")
-    esub.required = True
+    esub = add_actions(subparsers, "evaluate", help="evaluate a pretrained encoder: label efficiency against "
+                       "scratch, frozen-feature probes against random initialisation")
     _add_label_efficiency(esub)
     _add_probe(esub)
 
 
 def _add_label_efficiency(esub) -> None:
-    q = esub.add_parser("label-efficiency", help="fine-tune pretrained vs scratch on fractions of the labelled "
-                        "subjects, several seeds; score each on the val split",
-                        description="Export the checkpoint as a bundle (OUT/bundle) once; then for every seed and "
-                        "fraction draw that fraction of the labelled training subjects (split train; all scans of a "
-                        "subject together; smaller fractions nested in larger ones) and fine-tune the bundle's "
-                        "train.json on them twice, from the pretrained encoder and from scratch, with the same "
-                        "seed and step budget. Each run's final weights are scored on the fixed val split (Dice "
-                        "over foreground classes, or C-index). Writes OUT/results.json and OUT/label_efficiency.png "
-                        "and prints, per fraction, each arm's mean over seeds and the paired difference pretrained - "
-                        "scratch, each with its 95% Student t interval over seeds. A pretrained encoder gets a "
-                        "tenth of the head's learning rate, a scratch one the full rate (each record says so); "
-                        "pass encoder_learning_rate=VALUE for equal rates.")
+    q = add_command(esub, "label-efficiency", run_label_efficiency,
+                    help="fine-tune pretrained vs scratch on fractions of the labelled subjects, several seeds; "
+                    "score each on the val split",
+                    description="""Export the checkpoint as a bundle (OUT/bundle) once; then for every seed and
+                    fraction draw that fraction of the labelled training subjects (split train; all scans of a subject
+                    together; smaller fractions nested in larger ones) and fine-tune the bundle's train.json on them
+                    twice, from the pretrained encoder and from scratch, with the same seed and step budget. Each run's
+                    final weights are scored on the fixed val split (Dice over foreground classes, or C-index). Writes
+                    OUT/results.json and OUT/label_efficiency.png and prints, per fraction, each arm's mean over seeds
+                    and the paired difference pretrained - scratch, each with its 95% Student t interval over seeds. A
+                    pretrained encoder gets a tenth of the head's learning rate, a scratch one the full rate (each
+                    record says so); pass encoder_learning_rate=VALUE for equal rates.""")
     _add_pretrained_option(q)
     q.add_argument("--manifest", required=True, type=Path,
                    help="volpre manifest: split train is sampled by subject, split val scores every run")
@@ -103,21 +105,19 @@ def _add_label_efficiency(esub) -> None:
     add_ct_window_option(q, "CT fine-tuning window in HU (default: the pretraining window; e.g. -175 250, as "
                          "volpre export --ct-window)")
     _add_out_option(q)
-    q.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="bundle config overrides for every run, e.g. num_workers=0 learning_rate=3e-4")
-    q.set_defaults(run=run_label_efficiency)
+    add_overrides_argument(q, "bundle config overrides for every run, e.g. num_workers=0 learning_rate=3e-4")
 
 
 def _add_probe(esub) -> None:
-    q = esub.add_parser("probe", help="frozen-feature probe: the checkpoint's encoder vs the same encoder at random "
-                        "initialisation (seconds to minutes for tiny encoders)",
-                        description="Extract frozen features of the labelled train and val entries (preprocessed "
-                        "with the checkpoint's own preprocess config) with the checkpoint's encoder and with the same "
-                        "architecture at random initialisation (seed s for seed s), fit a light head on train and "
-                        "score it on val. Segmentation: a linear 1x1x1 head on all five feature maps, upsampled; mean "
-                        "foreground Dice and Dice per class (MONAI compute_dice). Survival: an L2-penalised Cox model "
-                        "on pooled features (plus covariates); Harrell's C-index. Writes OUT/results.json and prints "
-                        "mean ± sd over seeds per arm.")
+    q = add_command(esub, "probe", run_probe, help="frozen-feature probe: the checkpoint's encoder vs the same encoder "
+                    "at random initialisation (seconds to minutes for tiny encoders)",
+                    description="""Extract frozen features of the labelled train and val entries (preprocessed with the
+                    checkpoint's own preprocess config) with the checkpoint's encoder and with the same architecture at
+                    random initialisation (seed s for seed s), fit a light head on train and score it on val.
+                    Segmentation: a linear 1x1x1 head on all five feature maps, upsampled; mean foreground Dice and
+                    Dice per class (MONAI compute_dice). Survival: an L2-penalised Cox model on pooled features (plus
+                    covariates); Harrell's C-index. Writes OUT/results.json and prints mean ± sd over seeds per
+                    arm.""")
     _add_pretrained_option(q)
     q.add_argument("--manifest", required=True, type=Path,
                    help="volpre manifest with labelled entries: split train fits the head, split val scores it")
@@ -130,4 +130,3 @@ def _add_probe(esub) -> None:
     q.add_argument("--max-entries", type=int, help="at most this many entries of each split, in manifest order "
                    "(default: all)")
     add_device_option(q)
-    q.set_defaults(run=run_probe)

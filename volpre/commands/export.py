@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from volpre.commands.options import UserError, add_ct_window_option, add_network_option, add_xyz_option
+from volpre.commands.options import UserError, add_command, add_ct_window_option, add_network_option, add_xyz_option
 
 
 def _run_nnunet(args: argparse.Namespace) -> int:
@@ -62,18 +62,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("export", help="build a MONAI bundle (segmentation or survival) or nnU-Net weights from "
-                              "a pretraining checkpoint",
-                              description="Build a MONAI bundle that fine-tunes the checkpoint's encoder: SwinUNETR "
-                              "(Swin encoders) or FlexibleUNet (ResNet encoders) for segmentation, SurvivalNet for "
-                              "survival. The encoder weights are mapped to MONAI key names and loaded strictly "
-                              "(weights holding NaN or Inf are refused); the bundle runs with `python -m monai.bundle "
-                              "run --bundle_root DIR ...` (see DIR/docs/README.md). It is built beside DIR and renamed "
-                              "onto it when complete: an interrupted export leaves no DIR. The bundle holds no local "
-                              "path: provenance as file names and SHA-256 digests, bundle_root '.' (MONAI's "
-                              "convention), and a manifest path only if --manifest is given. With --task nnunet "
-                              "(checkpoints of the nnunet encoder): write FILE.pth for `nnUNetv2_train ... "
-                              "-pretrained_weights FILE.pth` and FILE.md with the exact command.")
+    p = add_command(subparsers, "export", run,
+                    help="build a MONAI bundle (segmentation or survival) or nnU-Net weights from "
+                    "a pretraining checkpoint",
+                    description="""Build a MONAI bundle that fine-tunes the checkpoint's encoder: SwinUNETR (Swin
+                    encoders) or FlexibleUNet (ResNet encoders) for segmentation, SurvivalNet for survival. The encoder
+                    weights are mapped to MONAI key names and loaded strictly (weights holding NaN or Inf are refused);
+                    the bundle runs with `python -m monai.bundle run --bundle_root DIR ...` (see DIR/docs/README.md).
+                    It is built beside DIR and renamed onto it when complete: an interrupted export leaves no DIR. The
+                    bundle holds no local path: provenance as file names and SHA-256 digests, bundle_root '.' (MONAI's
+                    convention), and a manifest path only if --manifest is given. With --task nnunet (checkpoints of
+                    the nnunet encoder): write FILE.pth for `nnUNetv2_train ... -pretrained_weights FILE.pth` and
+                    FILE.md with the exact command.""")
     p.add_argument("checkpoint", type=Path, nargs="?", help="a pretraining checkpoint, e.g. RUN/checkpoints/last.pt")
     p.add_argument("--encoder-weights", type=Path, metavar="PATH", help="instead of a checkpoint: encoder weights "
                    "from elsewhere (a MedicalNet resnet_N_23dataset.pth, a volpre bundle), mapped and loaded "
@@ -100,4 +100,3 @@ def add_parser(subparsers) -> None:
                    help="export the trained weights or their moving average (if the run kept one)")
     add_ct_window_option(p, "CT fine-tuning intensity window in HU, clipped and scaled to [0, 1] (default: the "
                          "pretraining window; e.g. -175 250 for abdominal soft tissue, as MONAI's BTCV recipe)")
-    p.set_defaults(run=run)

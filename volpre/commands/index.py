@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from volpre.commands.options import add_progress_options, check_interval, check_workers
+from volpre.commands.options import add_command, add_progress_options, check_interval, check_workers
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,13 +18,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("index", help="walk folders and write a manifest (one entry per volume or DICOM series)",
-                              description="Walk folders of NIfTI/NRRD/MetaImage files and DICOM studies; write a "
-                              "manifest with one entry per volume file or DICOM series (shape and spacing from "
-                              "headers; no pixel reads for DICOM; the modality of other files from --modality rules, "
-                              "their JSON sidecar, BIDS suffix or header, else their voxel values) and the files it "
-                              "could not use, with reasons: unreadable files and folders, link loops, broken links, "
-                              "damaged headers, files whose modality nothing decides. None of them stops the index.")
+    p = add_command(subparsers, "index", run,
+                    help="walk folders and write a manifest (one entry per volume or DICOM series)",
+                    description="""Walk folders of NIfTI/NRRD/MetaImage files and DICOM studies; write a manifest with
+                    one entry per volume file or DICOM series (shape and spacing from headers; no pixel reads for
+                    DICOM; the modality of other files from --modality rules, their JSON sidecar, BIDS suffix or
+                    header, else their voxel values) and the files it could not use, with reasons: unreadable files and
+                    folders, link loops, broken links, damaged headers, files whose modality nothing decides. None of
+                    them stops the index.""")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="folders or files to index")
     p.add_argument("--out", required=True, type=Path, help="manifest to write (JSON)")
     p.add_argument("--modality", action="append", metavar="CODE|PATTERN=CODE",
@@ -37,4 +38,3 @@ def add_parser(subparsers) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="worker processes indexing folders in parallel (default 0: this process)")
     add_progress_options(p)
-    p.set_defaults(run=run)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from volpre.commands.options import add_actions, add_command
+
 
 def run_from_decathlon(args: argparse.Namespace) -> int:
     from volpre.data.manifest import from_decathlon, save_manifest
@@ -25,16 +27,13 @@ def run_to_decathlon(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("manifest", help="convert manifests to and from MONAI decathlon datalists")
-    msub = p.add_subparsers(dest="manifest_command", metavar="ACTION")
-    msub.required = True
-    q = msub.add_parser("from-decathlon", help="decathlon datalist -> volpre manifest")
+    msub = add_actions(subparsers, "manifest", help="convert manifests to and from MONAI decathlon datalists")
+    q = add_command(msub, "from-decathlon", run_from_decathlon, help="decathlon datalist -> volpre manifest")
     q.add_argument("datalist", type=Path)
     q.add_argument("--out", required=True, type=Path)
     q.add_argument("--base-dir", type=Path, help="folder the datalist's paths are relative to (default: its own)")
     q.add_argument("--modality", help="modality of every entry (CT, MR, ...)")
-    q.set_defaults(run=run_from_decathlon)
-    q = msub.add_parser("to-decathlon", help="volpre manifest -> decathlon datalist (train/val/test splits)")
+    q = add_command(msub, "to-decathlon", run_to_decathlon,
+                    help="volpre manifest -> decathlon datalist (train/val/test splits)")
     q.add_argument("manifest", type=Path)
     q.add_argument("--out", required=True, type=Path)
-    q.set_defaults(run=run_to_decathlon)

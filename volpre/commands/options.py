@@ -1,10 +1,12 @@
-"""What several commands share: option declarations made the same way in more than one command,
-checks of option values, and the error they raise (:class:`UserError`)."""
+"""What several commands share: the parser of a command or action (:func:`add_command`,
+:func:`add_actions`), option declarations made the same way in more than one command, checks of
+option values, and the error they raise (:class:`UserError`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from volpre.errors import UserInputError
 
@@ -15,6 +17,32 @@ BUNDLE_NETWORKS = ("swinunetr", "flexibleunet", "survivalnet")
 
 class UserError(UserInputError):
     """A problem with the user's input: printed as one line, exit status 2, no traceback."""
+
+
+def add_command(subparsers, name: str, run: Callable[[argparse.Namespace], int], help: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """The parser of command (or action) ``name``: ``help`` is its line in its parent's ``--help``,
+    ``description`` heads its own (a paragraph: argparse folds its white space and wraps it to the
+    terminal); ``run`` is stored in ``args.run``, which :func:`volpre.cli.main` calls."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.set_defaults(run=run)
+    return p
+
+
+def add_actions(subparsers, name: str, help: str):
+    """The parser of a command made of actions (``volpre bench data``, ``volpre bench step``, ...):
+    returns the group each action is added to with :func:`add_command`. An action is required; its
+    name is ``args.NAME_command``."""
+    p = subparsers.add_parser(name, help=help)
+    actions = p.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+    actions.required = True
+    return actions
+
+
+def add_overrides_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """The ``key=value`` overrides at the end of the command line; :func:`volpre.cli.main` adds to
+    ``args.overrides`` those given between options."""
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=help)
 
 
 def check_workers(workers: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from volpre.commands.options import UserError, add_device_option
+from volpre.commands.options import UserError, add_command, add_device_option, add_overrides_argument
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,12 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("pretrain", help="pretrain an encoder (one process, or many under torchrun)",
-                              description="Pretrain an encoder on a manifest's volumes. Writes OUTPUT/metrics.jsonl, "
-                              "OUTPUT/checkpoints/ (last.pt, best.pt, step_*.pt, each with a checksum verified on "
-                              "load) and TensorBoard events under OUTPUT/tensorboard. A NaN/Inf loss stops the run "
-                              "(exit 2) without writing a checkpoint, so the last one is finite; a full disk stops it "
-                              "with one line. The same command runs under torchrun for DDP.")
+    p = add_command(subparsers, "pretrain", run, help="pretrain an encoder (one process, or many under torchrun)",
+                    description="""Pretrain an encoder on a manifest's volumes. Writes OUTPUT/metrics.jsonl,
+                    OUTPUT/checkpoints/ (last.pt, best.pt, step_*.pt, each with a checksum verified on load) and
+                    TensorBoard events under OUTPUT/tensorboard. A NaN/Inf loss stops the run (exit 2) without writing
+                    a checkpoint, so the last one is finite; a full disk stops it with one line. The same command runs
+                    under torchrun for DDP.""")
     p.add_argument("--config", help="shipped config name (e.g. swin-dae, resnet-mvm-tiny) or a YAML path")
     p.add_argument("--manifest", required=True, type=Path)
     p.add_argument("--output", required=True, type=Path)
@@ -70,5 +70,4 @@ def add_parser(subparsers) -> None:
                    "see the message)")
     p.add_argument("--init-format", default="auto", choices=["auto", "monai-swin-ssl", "medicalnet", "volpre", "bundle"],
                    help="layout of the --init file (default: recognised from the file)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
-    p.set_defaults(run=run)
+    add_overrides_argument(p, "config overrides, e.g. train.lr=1e-4")

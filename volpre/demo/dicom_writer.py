@@ -21,6 +21,7 @@ the arguments with :func:`deterministic_uid`, so the same call writes the same b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,33 +55,39 @@ def deterministic_uid(seed: str) -> str:
     return generate_uid(entropy_srcs=[seed])
 
 
-def write_dicom_series(
-    volume: np.ndarray,
-    affine: np.ndarray,
-    out_dir: Path,
-    *,
-    modality: str,
-    patient_id: str,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    series_description: str = "",
-    series_number: int = 1,
-    rescale_slope: float = 1.0,
-    rescale_intercept: float = 0.0,
-    file_names: Sequence[str] | None = None,
-) -> list[Path]:
+@dataclass(frozen=True)
+class SeriesTags:
+    """What both writers take besides the voxels and their grid: the patient, study and series the
+    files belong to, and how their values are stored.
+
+    Attributes:
+        modality: ``"CT"`` or ``"MR"``.
+        patient_id: PatientID and PatientName.
+        study_uid, series_uid: default to UIDs derived from ``patient_id`` (and the series number
+            and description).
+        series_description, series_number: SeriesDescription, SeriesNumber.
+        rescale_slope, rescale_intercept: RescaleSlope/RescaleIntercept of the stored values.
+    """
+
+    modality: str
+    patient_id: str
+    study_uid: str | None = None
+    series_uid: str | None = None
+    series_description: str = ""
+    series_number: int = 1
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+
+
+def write_dicom_series(volume: np.ndarray, affine: np.ndarray, out_dir: Path, tags: SeriesTags,
+                       file_names: Sequence[str] | None = None) -> list[Path]:
     """Write ``volume`` ``(X, Y, Z)`` as ``Z`` single-frame CT/MR Image Storage files in ``out_dir``.
 
     Args:
         volume: ``(X, Y, Z)`` real values (HU for CT); stored as described in the module docstring.
         affine: ``(4, 4)`` voxel index -> world RAS mm.
         out_dir: created if missing.
-        modality: ``"CT"`` or ``"MR"``.
-        patient_id: PatientID and PatientName.
-        study_uid, series_uid: default to UIDs derived from ``patient_id`` (and the series number
-            and description).
-        series_description, series_number: SeriesDescription, SeriesNumber.
-        rescale_slope, rescale_intercept: RescaleSlope/RescaleIntercept written in every file.
+        tags: the series; its rescale is written in every file.
         file_names: one name per slice (slice ``k`` gets ``file_names[k]`` and InstanceNumber
             ``k + 1``); default ``0000.dcm``, ``0001.dcm``, ...
 
@@ -94,22 +101,15 @@ def write_dicom_series(
         file_names = [f"{k:0{width}d}.dcm" for k in range(n_slices)]
     if len(file_names) != n_slices or len(set(file_names)) != n_slices:
         raise ValueError(f"file_names must hold {n_slices} distinct names (one per slice), got {list(file_names)}")
-    geometry = _PlaneGeometry.from_affine(affine)
-    stored, pixel_representation = _stored_values(volume, modality, rescale_slope, rescale_intercept)
-    study_uid = study_uid or deterministic_uid(f"{patient_id}/study")
-    series_uid = series_uid or deterministic_uid(f"{study_uid}/series/{series_number}/{series_description}")
-
-    base = _common_dataset(
-        modality, False, patient_id, study_uid, series_uid, series_description, series_number, volume.shape,
-        pixel_representation,
-    )
+    base, geometry, stored = _start(volume, affine, tags, enhanced=False)
+    modality, series_uid = tags.modality, base.SeriesInstanceUID
     base.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     base.ImageOrientationPatient = geometry.orientation
     base.PixelSpacing = geometry.pixel_spacing
     base.SliceThickness = geometry.slice_thickness
     base.SpacingBetweenSlices = geometry.slice_thickness
-    base.RescaleSlope = _ds(rescale_slope)
-    base.RescaleIntercept = _ds(rescale_intercept)
+    base.RescaleSlope = _ds(tags.rescale_slope)
+    base.RescaleIntercept = _ds(tags.rescale_intercept)
     base.RescaleType = "HU" if modality == "CT" else "US"
     if modality == "CT":
         base.KVP = None
@@ -139,20 +139,7 @@ def write_dicom_series(
     return paths
 
 
-def write_multiframe_dicom(
-    volume: np.ndarray,
-    affine: np.ndarray,
-    path: Path,
-    *,
-    modality: str,
-    patient_id: str,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    series_description: str = "",
-    series_number: int = 1,
-    rescale_slope: float = 1.0,
-    rescale_intercept: float = 0.0,
-) -> Path:
+def write_multiframe_dicom(volume: np.ndarray, affine: np.ndarray, path: Path, tags: SeriesTags) -> Path:
     """Write ``volume`` ``(X, Y, Z)`` as one Enhanced CT/MR Image Storage file of ``Z`` frames.
 
     Geometry and rescale live in the functional groups: PixelMeasuresSequence,
@@ -165,15 +152,8 @@ def write_multiframe_dicom(
     """
     volume = np.asarray(volume)
     n_frames = _check_volume(volume)
-    geometry = _PlaneGeometry.from_affine(affine)
-    stored, pixel_representation = _stored_values(volume, modality, rescale_slope, rescale_intercept)
-    study_uid = study_uid or deterministic_uid(f"{patient_id}/study")
-    series_uid = series_uid or deterministic_uid(f"{study_uid}/series/{series_number}/{series_description}")
-
-    ds = _common_dataset(
-        modality, True, patient_id, study_uid, series_uid, series_description, series_number, volume.shape,
-        pixel_representation,
-    )
+    ds, geometry, stored = _start(volume, affine, tags, enhanced=True)
+    modality, series_uid = tags.modality, ds.SeriesInstanceUID
     sop_instance_uid = deterministic_uid(f"{series_uid}/multiframe")
     ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
     ds.SOPInstanceUID = sop_instance_uid
@@ -194,8 +174,8 @@ def write_multiframe_dicom(
     plane_orientation = Dataset()
     plane_orientation.ImageOrientationPatient = geometry.orientation
     value_transformation = Dataset()
-    value_transformation.RescaleSlope = _ds(rescale_slope)
-    value_transformation.RescaleIntercept = _ds(rescale_intercept)
+    value_transformation.RescaleSlope = _ds(tags.rescale_slope)
+    value_transformation.RescaleIntercept = _ds(tags.rescale_intercept)
     value_transformation.RescaleType = "HU" if modality == "CT" else "US"
     frame_type = Dataset()
     frame_type.FrameType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
@@ -313,10 +293,21 @@ def _stored_values(volume: np.ndarray, modality: str, slope: float, intercept: f
     return stored.astype(dtype), pixel_representation
 
 
-def _common_dataset(modality: str, enhanced: bool, patient_id: str, study_uid: str, series_uid: str,
-                    series_description: str, series_number: int, shape: tuple[int, ...],
-                    pixel_representation: int) -> Dataset:
+def _start(volume: np.ndarray, affine: np.ndarray, tags: SeriesTags,
+           enhanced: bool) -> tuple[Dataset, _PlaneGeometry, np.ndarray]:
+    """What both writers begin with: the dataset of the modules they share, the slices' plane
+    geometry and the stored values of the (checked) ``volume``."""
+    geometry = _PlaneGeometry.from_affine(affine)
+    stored, pixel_representation = _stored_values(volume, tags.modality, tags.rescale_slope, tags.rescale_intercept)
+    return _common_dataset(tags, enhanced, volume.shape, pixel_representation), geometry, stored
+
+
+def _common_dataset(tags: SeriesTags, enhanced: bool, shape: tuple[int, ...], pixel_representation: int) -> Dataset:
     """Patient, study, series, frame of reference, equipment and image pixel modules."""
+    modality, patient_id = tags.modality, tags.patient_id
+    series_number, series_description = tags.series_number, tags.series_description
+    study_uid = tags.study_uid or deterministic_uid(f"{patient_id}/study")
+    series_uid = tags.series_uid or deterministic_uid(f"{study_uid}/series/{series_number}/{series_description}")
     sop_class_uid = _SOP_CLASSES.get((modality, enhanced))
     if sop_class_uid is None:
         raise ValueError(f"modality must be 'CT' or 'MR', got {modality!r}")

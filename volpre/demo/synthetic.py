@@ -87,7 +87,7 @@ import torch
 from monai.transforms import GaussianSmooth, RandBiasField
 from monai.transforms.utils import create_rotate
 
-from volpre.demo.dicom_writer import deterministic_uid, write_dicom_series, write_multiframe_dicom
+from volpre.demo.dicom_writer import SeriesTags, deterministic_uid, write_dicom_series, write_multiframe_dicom
 from volpre.data.geometry import LPS_TO_RAS
 from volpre.data.manifest import TEST, TRAIN, VAL, Manifest, ManifestEntry, save_manifest
 from volpre.errors import UserInputError
@@ -722,10 +722,8 @@ class _Writer:
             label_grid, label_array = grid.to_ras(), grid.array_to_ras(label)  # as read_volume returns it
             main_series_uid = self.uid(subject, plan, "series2")
             if plan.storage == "dicom-enhanced":  # one file holds one series: no series_uid needed
-                write_multiframe_dicom(
-                    image, grid.affine, image_path, **self._dicom_tags(subject, plan, main_series_uid),
-                    series_number=2, series_description="Follow-up abdomen 5mm",
-                )
+                write_multiframe_dicom(image, grid.affine, image_path,
+                                       self._dicom_tags(subject, plan, main_series_uid, 2, "Follow-up abdomen 5mm"))
             else:
                 series_uid = main_series_uid  # the study folder holds several series
                 if plan.modality == "CT":
@@ -743,47 +741,41 @@ class _Writer:
             series_uid=series_uid, shape=ras.shape, spacing=ras.spacing,
         )
 
-    def _dicom_tags(self, subject: DemoSubject, plan: _ScanPlan, series_uid: str) -> dict:
+    def _dicom_tags(self, subject: DemoSubject, plan: _ScanPlan, series_uid: str, series_number: int,
+                    series_description: str) -> SeriesTags:
         modality = plan.modality
-        return {
-            "modality": modality, "patient_id": subject.name, "study_uid": self.uid(subject, plan, "study"),
-            "series_uid": series_uid,
-            "rescale_intercept": _CT_RESCALE_INTERCEPT if modality == "CT" else 0.0,
-        }
+        return SeriesTags(modality, subject.name, study_uid=self.uid(subject, plan, "study"), series_uid=series_uid,
+                          series_description=series_description, series_number=series_number,
+                          rescale_intercept=_CT_RESCALE_INTERCEPT if modality == "CT" else 0.0)
 
     def _write_ct_study(self, subject: DemoSubject, plan: _ScanPlan, grid: Grid, image: np.ndarray,
                         study_dir: Path, series_uid: str, rng: np.random.Generator) -> None:
         """Localizer (series 1), the main series (2) and a 10 mm reconstruction (3) in one folder."""
         follow_up = plan.key == "ct1"
-        tags = self._dicom_tags(subject, plan, series_uid)
-        write_dicom_series(image, grid.affine, study_dir, **tags, series_number=2,
-                           series_description="Abdomen 5mm Br40",
+        main_tags = self._dicom_tags(subject, plan, series_uid, 2, "Abdomen 5mm Br40")
+        write_dicom_series(image, grid.affine, study_dir, main_tags,
                            file_names=[f"IM-0002-{k + 1:04d}.dcm" for k in range(grid.shape[2])])
         thick_grid = _ct_grid(subject, plan, self.size, slice_mm=_CT_RECON_SLICE_MM)
         thick, _ = _render_ct(subject, follow_up, thick_grid, rng, sigma_voxels=1.0, noise_hu=(6.0, 9.0))
-        thick_tags = {**tags, "series_uid": self.uid(subject, plan, "series3")}
-        write_dicom_series(thick, thick_grid.affine, study_dir, **thick_tags,
-                           series_number=3, series_description="Abdomen 10mm Br30",
+        thick_tags = self._dicom_tags(subject, plan, self.uid(subject, plan, "series3"), 3, "Abdomen 10mm Br30")
+        write_dicom_series(thick, thick_grid.affine, study_dir, thick_tags,
                            file_names=[f"IM-0003-{k + 1:04d}.dcm" for k in range(thick_grid.shape[2])])
         topogram, affine = _render_topogram(subject, follow_up, grid)
-        write_dicom_series(topogram, affine, study_dir, **{**tags, "series_uid": self.uid(subject, plan, "series1"),
-                                                           "rescale_intercept": 0.0},
-                           series_number=1, series_description="Topogram 0.6 T20f",
-                           file_names=["IM-0001-0001.dcm"])
+        topogram_tags = self._dicom_tags(subject, plan, self.uid(subject, plan, "series1"), 1, "Topogram 0.6 T20f")
+        topogram_tags = dataclasses.replace(topogram_tags, rescale_intercept=0.0)  # a projection, not HU
+        write_dicom_series(topogram, affine, study_dir, topogram_tags, file_names=["IM-0001-0001.dcm"])
 
     def _write_mr_study(self, subject: DemoSubject, plan: _ScanPlan, grid: Grid, image: np.ndarray,
                         study_dir: Path, series_uid: str) -> None:
         """Localizer (series 1, one mid-sagittal image) and the main series (2), extension-less files."""
-        tags = self._dicom_tags(subject, plan, series_uid)
-        write_dicom_series(image, grid.affine, study_dir, **tags, series_number=2,
-                           series_description="T1 3D sag",
+        main_tags = self._dicom_tags(subject, plan, series_uid, 2, "T1 3D sag")
+        write_dicom_series(image, grid.affine, study_dir, main_tags,
                            file_names=[f"MR0002{k + 1:04d}" for k in range(grid.shape[2])])
         scout_grid = Grid.centred((48, 48, 1), (5.0, 5.0, 5.0), "PIR", grid.centre)
         scout_rng = np.random.default_rng([self.seed, subject.index, _NOISE_STREAM["mr-localizer"]])
         scout, _ = _render_mr(subject, scout_grid, scout_rng)
-        write_dicom_series(scout, scout_grid.affine, study_dir,
-                           **{**tags, "series_uid": self.uid(subject, plan, "series1")},
-                           series_number=1, series_description="Localizer sag", file_names=["MR00010001"])
+        scout_tags = self._dicom_tags(subject, plan, self.uid(subject, plan, "series1"), 1, "Localizer sag")
+        write_dicom_series(scout, scout_grid.affine, study_dir, scout_tags, file_names=["MR00010001"])
 
 
 class DemoInputError(UserInputError, ValueError):

@@ -253,14 +253,8 @@ class CheckpointManager:
     def __init__(self, folder: Path, keep_last: int):
         self.folder = Path(folder)
         self.keep_last = keep_last
-
-    @property
-    def last(self) -> Path:
-        return self.folder / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.folder / "best.pt"
+        self.last = self.folder / "last.pt"
+        self.best = self.folder / "best.pt"
 
     def step_files(self) -> list[Path]:
         return step_files(self.folder)

@@ -49,7 +49,7 @@ from monai.bundle import ConfigParser
 
 from volpre.data.manifest import Manifest, save_manifest
 from volpre.evaluate.errors import EvaluationError
-from volpre.evaluate.runs import check_bundle_overrides, finetune_and_validate
+from volpre.evaluate.runs import FinetuneRun, check_bundle_overrides, finetune_and_validate
 from volpre.evaluate.sampling import MIN_SUBJECTS, Task, check_fractions, sample_subjects, select_evaluation_data
 from volpre.evaluate.summary import ARMS, CI_METHOD, format_table, plot_label_efficiency, summarize
 from volpre.export import export_bundle
@@ -212,8 +212,8 @@ def evaluate_label_efficiency(
                                          run_root / "manifest.json")
             for arm in ARMS:
                 run_dir = run_root / arm
-                result = finetune_and_validate(bundle, run_manifest, arm == "pretrained", seed, run_dir, max_steps,
-                                               overrides)
+                result = finetune_and_validate(FinetuneRun(bundle, run_manifest, arm == "pretrained", seed, run_dir,
+                                                           max_steps, overrides))
                 results["records"].append({
                     "fraction": fraction,
                     "seed": seed,

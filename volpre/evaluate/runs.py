@@ -128,41 +128,42 @@ def check_bundle_overrides(train_json: str | os.PathLike[str], overrides: Mappin
             raise EvaluationError(f"bundle override {key!r}: {train_json} has no such key (use '#' for nesting)")
 
 
-def run_workflow(
-    bundle: str | os.PathLike[str],
-    manifest: str | os.PathLike[str],
-    pretrained: bool,
-    seed: int,
-    run_dir: str | os.PathLike[str],
-    max_steps: int | None,
-    overrides: Mapping[str, Any],
-) -> ConfigWorkflow:
-    """The bundle's ``train.json`` as an initialised ``ConfigWorkflow`` for one run (nothing built or trained yet).
+@dataclass(frozen=True)
+class FinetuneRun:
+    """One fine-tuning run of an exported bundle."""
 
-    Args:
-        bundle: a bundle written by :func:`volpre.export.export_bundle`.
-        manifest: the run's manifest (its ``train`` and ``val`` entries are the run's data).
-        pretrained: start the encoder from the exported weights (``True``) or from scratch.
-        seed: the run's seed (``monai.utils.set_determinism``).
-        run_dir: the run's folder (``models/`` and ``eval/`` are created in it).
-        max_steps: the step budget (sets ``max_epochs``); ``None``: the bundle's ``max_epochs``.
-        overrides: further bundle config overrides, applied to every run alike (checked by
-            :func:`check_bundle_overrides`).
-    """
-    bundle = Path(bundle)
-    run_dir = Path(run_dir)
+    bundle: str | os.PathLike[str]
+    """A bundle written by :func:`volpre.export.export_bundle`."""
+    manifest: str | os.PathLike[str]
+    """The run's manifest (its ``train`` and ``val`` entries are the run's data)."""
+    pretrained: bool
+    """Start the encoder from the exported weights (``True``) or from scratch."""
+    seed: int
+    """The run's seed (``monai.utils.set_determinism``)."""
+    run_dir: str | os.PathLike[str]
+    """The run's folder (``models/`` and ``eval/`` are created in it)."""
+    max_steps: int | None
+    """The step budget (sets ``max_epochs``); ``None``: the bundle's ``max_epochs``."""
+    overrides: Mapping[str, Any]
+    """Further bundle config overrides, applied to every run alike (checked by :func:`check_bundle_overrides`)."""
+
+
+def run_workflow(run: FinetuneRun) -> ConfigWorkflow:
+    """The bundle's ``train.json`` as an initialised ``ConfigWorkflow`` for ``run`` (nothing built or trained yet)."""
+    bundle = Path(run.bundle)
+    run_dir = Path(run.run_dir)
     run_overrides: dict[str, Any] = {
-        **overrides,
+        **run.overrides,
         "bundle_root": str(bundle.resolve()),  # the bundle's own "." means the working directory
-        "manifest": str(Path(manifest).resolve()),
-        "pretrained": bool(pretrained),
+        "manifest": str(Path(run.manifest).resolve()),
+        "pretrained": bool(run.pretrained),
         "ckpt_dir": str((run_dir / "models").resolve()),
         "output_dir": str((run_dir / "eval").resolve()),
-        "seed": int(seed),
+        "seed": int(run.seed),
         "val_interval": "$@max_epochs + 1",
     }
-    if max_steps is not None:
-        run_overrides["max_epochs"] = int(max_steps)
+    if run.max_steps is not None:
+        run_overrides["max_epochs"] = int(run.max_steps)
     workflow = ConfigWorkflow(
         config_file=str(bundle / "configs" / "train.json"),
         meta_file=str(bundle / "configs" / "metadata.json"),
@@ -174,24 +175,17 @@ def run_workflow(
     return workflow
 
 
-def finetune_and_validate(
-    bundle: str | os.PathLike[str],
-    manifest: str | os.PathLike[str],
-    pretrained: bool,
-    seed: int,
-    run_dir: str | os.PathLike[str],
-    max_steps: int | None,
-    overrides: Mapping[str, Any],
-) -> RunResult:
-    """Fine-tune with the bundle's ``train.json`` on ``manifest``, then score the final weights on its ``val`` split.
+def finetune_and_validate(run: FinetuneRun) -> RunResult:
+    """Fine-tune with the bundle's ``train.json`` on the run's manifest, then score the final weights on
+    its ``val`` split.
 
-    Arguments as for :func:`run_workflow`. Trains until ``max_steps`` optimiser steps (or the
-    bundle's ``max_epochs``), runs the bundle's validation evaluator once (which also saves the
-    final weights as ``RUN_DIR/models/model.pt``) and returns its key metric.
+    Trains until ``run.max_steps`` optimiser steps (or the bundle's ``max_epochs``), runs the
+    bundle's validation evaluator once (which also saves the final weights as
+    ``run.run_dir/models/model.pt``) and returns its key metric.
     """
-    workflow = run_workflow(bundle, manifest, pretrained, seed, run_dir, max_steps, overrides)
+    workflow = run_workflow(run)
     trainer = workflow.parser.get_parsed_content("train#trainer")
-    budget = StepBudget(max_steps)
+    budget = StepBudget(run.max_steps)
     budget.attach(trainer, trainer.optimizer)
     workflow.run()
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")
