@@ -142,6 +142,8 @@ def test_subset_size_rounds_up_keeps_a_minimum_and_never_exceeds_the_pool():
     ([1.5], r"fractions: got 1\.5; expected numbers in \(0, 1\]"),
     ([float("nan")], r"fractions: got nan; expected numbers in \(0, 1\]"),
     ([0.25, 0.5, 0.25], r"fractions: 0\.25 given twice; expected distinct fractions"),
+    ([0.25, 0.2500001, 1.0], r"fractions: 0\.25 and 0\.2500001 both print as 0\.25 \(their runs' folder is named "
+                             r"fraction0\.25\); expected fractions that differ within 6 significant digits"),
 ])
 def test_bad_fractions_are_refused(fractions, message):
     with pytest.raises(EvaluationError, match=message):
@@ -500,6 +502,7 @@ def test_no_labelled_train_entries(tmp_path, checkpoint, demo):
     ("0.5,1.5", r"fractions: got 1\.5; expected numbers in \(0, 1\]"),
     ("0,1", r"fractions: got 0\.0; expected numbers in \(0, 1\]"),
     ("0.5,0.5", r"fractions: 0\.5 given twice; expected distinct fractions"),
+    ("0.25,0.2500001", r"fractions: 0\.25 and 0\.2500001 both print as 0\.25"),
     ("0.5,half", r"--fractions: got '0\.5,half'; expected comma-separated numbers in \(0, 1\]"),
 ])
 def test_bad_fractions(tmp_path, checkpoint, demo, fractions, message):

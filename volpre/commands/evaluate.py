@@ -10,19 +10,6 @@ from volpre.commands.options import (UserError, add_actions, add_command, add_ct
                                      add_network_option, add_overrides_argument, add_xyz_option, to_stderr)
 
 
-def _evaluate(work, *args, **kwargs):
-    """``work(*args, **kwargs)`` with its progress lines on stderr. A folder the evaluation finds
-    already there is the user's input: an ``--out`` that is not new or empty is one already
-    (:class:`~volpre.files.OutputExistsError`, as an :class:`~volpre.evaluate.EvaluationError` is),
-    but label-efficiency also makes a folder per fraction, ``fraction{fraction:g}``, and of two
-    fractions that print alike yet draw different subjects (0.25 and 0.2500001 of four) the second
-    meets the first one's folder as a plain FileExistsError."""
-    try:
-        return work(*args, say=to_stderr, **kwargs)
-    except FileExistsError as error:
-        raise UserError(str(error)) from error
-
-
 def run_label_efficiency(args: argparse.Namespace) -> int:
     from volpre.evaluate import evaluate_label_efficiency, parse_bundle_overrides, results_table
 
@@ -31,11 +18,11 @@ def run_label_efficiency(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--fractions: got {args.fractions!r}; expected comma-separated numbers in (0, 1], "
                         "e.g. 0.1,0.25,1.0") from error
-    results = _evaluate(
-        evaluate_label_efficiency, args.pretrained, args.manifest, args.out, args.task, fractions, args.seeds,
+    results = evaluate_label_efficiency(
+        args.pretrained, args.manifest, args.out, args.task, fractions, args.seeds,
         max_steps=args.max_steps, network=args.network, modality=args.modality, out_channels=args.out_channels,
         roi_size=tuple(args.roi) if args.roi else None, ct_window=tuple(args.ct_window) if args.ct_window else None,
-        overrides=parse_bundle_overrides(args.overrides))
+        overrides=parse_bundle_overrides(args.overrides), say=to_stderr)
     print(results_table(results))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'label_efficiency.png'}")
     return 0
@@ -44,9 +31,9 @@ def run_label_efficiency(args: argparse.Namespace) -> int:
 def run_probe(args: argparse.Namespace) -> int:
     from volpre.evaluate.probe import compare_with_random_init, probe_table
 
-    results = _evaluate(compare_with_random_init, args.pretrained, args.manifest, args.out, task=args.task,
-                        seeds=args.seeds, modality=args.modality, weights=args.weights, device=args.device,
-                        max_entries=args.max_entries)
+    results = compare_with_random_init(args.pretrained, args.manifest, args.out, task=args.task,
+                                       seeds=args.seeds, modality=args.modality, weights=args.weights,
+                                       device=args.device, max_entries=args.max_entries, say=to_stderr)
     print(probe_table(results))
     print(f"wrote {args.out / 'results.json'}")
     return 0

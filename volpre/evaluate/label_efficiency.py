@@ -50,7 +50,8 @@ from monai.bundle import ConfigParser
 from volpre.data.manifest import Manifest, save_manifest
 from volpre.evaluate.errors import EvaluationError
 from volpre.evaluate.runs import FinetuneRun, check_bundle_overrides, finetune_and_validate
-from volpre.evaluate.sampling import MIN_SUBJECTS, Task, check_fractions, sample_subjects, select_evaluation_data
+from volpre.evaluate.sampling import (MIN_SUBJECTS, Task, check_fractions, fraction_name, sample_subjects,
+                                     select_evaluation_data)
 from volpre.evaluate.summary import ARMS, CI_METHOD, format_table, plot_label_efficiency, summarize
 from volpre.export import export_bundle
 from volpre.export.templates import templates_root
@@ -192,7 +193,7 @@ def evaluate_label_efficiency(
         for fraction in fractions:
             subjects = subsets[seed][fraction]
             entries = data.train_entries_of(subjects)
-            run_root = out / RUNS_DIR / f"seed{seed}" / f"fraction{fraction:g}"
+            run_root = out / RUNS_DIR / f"seed{seed}" / f"fraction{fraction_name(fraction)}"
             results["subsets"].append({"seed": seed, "fraction": fraction, "subjects": subjects,
                                        "entries": [e.id for e in entries]})
             same_as = done.get(tuple(subjects))

@@ -152,7 +152,8 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
     """The fractions as floats in the given order, after checking them.
 
     Raises:
-        EvaluationError: no fraction, a fraction outside (0, 1] (or not a number), or a fraction twice.
+        EvaluationError: no fraction, a fraction outside (0, 1] (or not a number), a fraction twice, or two
+            fractions that :func:`fraction_name` writes alike (their runs would share a folder).
     """
     if len(fractions) == 0:
         raise EvaluationError("fractions: got none; expected at least one number in (0, 1], e.g. 0.1,0.25,1.0")
@@ -167,7 +168,19 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
     if repeated:
         shown = ", ".join(f"{f:g}" for f in repeated)
         raise EvaluationError(f"fractions: {shown} given twice; expected distinct fractions")
+    names = [fraction_name(f) for f in values]
+    for name in dict.fromkeys(n for n in names if names.count(n) > 1):
+        alike = " and ".join(repr(f) for f, n in zip(values, names) if n == name)
+        raise EvaluationError(
+            f"fractions: {alike} both print as {name} (their runs' folder is named fraction{name}); "
+            "expected fractions that differ within 6 significant digits"
+        )
     return tuple(values)
+
+
+def fraction_name(fraction: float) -> str:
+    """How ``fraction`` is written in folder names and messages: 6 significant digits (0.25, 0.05, 1)."""
+    return f"{fraction:g}"
 
 
 def subset_size(fraction: float, n_subjects: int, minimum: int = 1) -> int:
