@@ -7,8 +7,8 @@ import json
 import pytest
 
 from volpre.cli import build_parser, main
-from volpre.demo.run import (DEFAULT_PRETRAIN_STEPS, DEFAULT_SUBJECTS, FINETUNE_CT_WINDOW, MARKER, SURVIVAL_SUBJECTS,
-                         run_demo)
+from volpre.demo.run import (DEFAULT_PRETRAIN_STEPS, DEFAULT_SUBJECTS, FINETUNE_CT_WINDOW, FINETUNE_LR, MARKER,
+                             SURVIVAL_SUBJECTS, run_demo)
 from volpre.data.manifest import load_manifest
 from volpre.demo.synthetic import DemoInputError
 
@@ -47,6 +47,13 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
         low, high = surv["ci95"]
         assert 0.0 <= low <= surv["cindex"] <= high <= 1.0
         assert f"| {surv['cindex']:.3f} | [{low:.3f}, {high:.3f}] | 6 subjects" in row
+    # the rates each arm trained at, as the bundle evaluates them: a pretrained encoder gets a tenth of the head's
+    for task in ("segmentation", "survival"):
+        rates = {arm: (results[task][arm]["learning_rate"], results[task][arm]["encoder_learning_rate"])
+                 for arm in ("pretrained", "scratch")}
+        assert rates == {"pretrained": (FINETUNE_LR, pytest.approx(FINETUNE_LR / 10)),
+                         "scratch": (FINETUNE_LR, FINETUNE_LR)}
+        assert f"{task} pretrained {FINETUNE_LR:g} / {FINETUNE_LR / 10:g}" in text
     assert results["demo"]["synthetic"] is True and results["demo"]["finetune_ct_window"] == list(FINETUNE_CT_WINDOW)
     assert results["demo"]["survival_data"]["test_subjects"] == 6
     # the learning-rate schedule ends with the demo's pretraining (its cosine reaches min_lr on step 3)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.bundle import ConfigParser
 
 import volpre
 from volpre.config import load_config
@@ -106,6 +107,10 @@ class ArmResult:
     arm: str
     epochs: int
     seconds: float
+    learning_rate: float
+    """The head's learning rate (the bundle's ``learning_rate``)."""
+    encoder_learning_rate: float
+    """The encoder's (the bundle's ``encoder_learning_rate``: a tenth of the head's for a pretrained encoder)."""
     scores: dict[str, Any] = field(default_factory=dict)
     """Segmentation: ``dice``, ``dice_per_class``, ``n``; survival: ``cindex``, ``ci95``, ``n``, ... (report.json)."""
 
@@ -197,6 +202,14 @@ def survival_scores(eval_dir: Path, manifest: Path, seed: int) -> dict[str, Any]
             "ci_method": f"{CINDEX_INTERVAL_METHOD}, {interval.n_resamples} resamples, seed {seed}"}
 
 
+def _learning_rates(bundle: Path, pretrained: bool) -> tuple[float, float]:
+    """``(learning_rate, encoder_learning_rate)`` of a demo arm, evaluated from the bundle's ``train.json``."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.update({"bundle_root": str(bundle), "pretrained": pretrained, "learning_rate": FINETUNE_LR})
+    return float(parser.get_parsed_content("learning_rate")), float(parser.get_parsed_content("encoder_learning_rate"))
+
+
 def _fine_tune(task: str, bundle: Path, manifest: Path, arm: str, epochs: int, work: Path, seed: int) -> ArmResult:
     arm_dir = work / task / arm
     arm_dir.mkdir(parents=True)
@@ -209,7 +222,8 @@ def _fine_tune(task: str, bundle: Path, manifest: Path, arm: str, epochs: int, w
     _run_bundle(bundle, ["train.json", "evaluate.json"], common, arm_dir / "evaluate.log", cwd=work)
     scores = (segmentation_scores(arm_dir / "eval") if task == "segmentation"
               else survival_scores(arm_dir / "eval", manifest, seed))
-    return ArmResult(task, arm, epochs, time.perf_counter() - start, scores)
+    return ArmResult(task, arm, epochs, time.perf_counter() - start, *_learning_rates(bundle, arm == "pretrained"),
+                     scores)
 
 
 def _describe(result: ArmResult) -> str:
@@ -225,10 +239,16 @@ def report_json(results: list[ArmResult], probes: dict[str, dict[str, Any]], inf
     (see :func:`run_demo`)."""
     out: dict[str, Any] = {}
     for r in results:
-        out.setdefault(r.task, {})[r.arm] = {**r.scores, "epochs": r.epochs, "seconds": round(r.seconds, 1)}
+        out.setdefault(r.task, {})[r.arm] = {**r.scores, "epochs": r.epochs, "seconds": round(r.seconds, 1),
+                                             "learning_rate": r.learning_rate,
+                                             "encoder_learning_rate": r.encoder_learning_rate}
     out["probe"] = probes
     out["demo"] = info
     return out
+
+
+def _rates(results: list[ArmResult]) -> str:
+    return "; ".join(f"{r.task} {r.arm} {r.learning_rate:g} / {r.encoder_learning_rate:g}" for r in results)
 
 
 def format_report(results: list[ArmResult], probes: dict[str, dict[str, Any]], info: dict[str, Any]) -> str:
@@ -271,6 +291,9 @@ def format_report(results: list[ArmResult], probes: dict[str, dict[str, Any]], i
         f"{CINDEX_INTERVAL_METHOD}: intervals of the two arms that overlap do not tell the arms apart.",
         "- One run per arm and one seed. The difference between the arms is not a measurement of what pretraining "
         "is worth: that needs several seeds and label fractions (`volpre evaluate label-efficiency`), and real data.",
+        f"- Learning rates as the bundles set them (head / encoder): {_rates(results)}. Where the encoder's rates "
+        "differ, so do the arms in more than their starting weights (`encoder_learning_rate=VALUE` puts both at one "
+        "rate).",
         "- The data are synthetic and the runs short (a few epochs on a CPU). Real CT is harder; these numbers say "
         "that the pieces work together, nothing about clinical performance.",
         "",
