@@ -362,10 +362,11 @@ def run_demo(out: Path, subjects: int = DEFAULT_SUBJECTS, seed: int = 0, pretrai
 
     Writes ``OUT/report.md`` and ``OUT/report.json``::
 
-        {"segmentation": {"pretrained": {"dice", "dice_per_class": {"liver", "lesion"}, "n", "epochs", "seconds"},
+        {"segmentation": {"pretrained": {"dice", "dice_per_class": {"liver", "lesion"}, "n", "epochs", "seconds",
+                                         "learning_rate", "encoder_learning_rate"},
                           "scratch": {...}},
          "survival": {"pretrained": {"cindex", "ci95": [low, high], "n", "n_entries", "events", "ci_method",
-                                     "epochs", "seconds"},
+                                     "epochs", "seconds", "learning_rate", "encoder_learning_rate"},
                       "scratch": {...}},
          "probe": {"segmentation": {...}, "survival": {...}},   each volpre evaluate probe's results.json
          "demo": {how the run was made: data, splits, steps, windows, versions, wall time}}
