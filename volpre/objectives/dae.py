@@ -56,6 +56,11 @@ Where volpre differs, and why:
   the same analogue as the ResNet stem, and the U-Net's own decoder reconstructs.
 - Noise variance and downsampling factor may be ranges or lists drawn per crop (equal ends and a
   single factor, the defaults, give the official fixed values).
+- The CPU profiles ``swin-dae-tiny`` and ``resnet-dae-tiny`` downsample by 2, not 4: they work on
+  4 mm voxels, where the official factor (a 6 mm grid at the paper's 1.5 mm) would leave a 16 mm
+  grid, as coarse as a small lesion; 2 leaves 8 mm, the nearest to the paper's scale. On the demo
+  data factor 2 gave the better frozen-feature probe on average, inside the spread of pretraining
+  seeds (README, "Probes").
 - volpre's own variations, off by default, named options: ``block_mask`` (zero ``block_mask_ratio``
   of the crop's ``block_mask_size^3`` voxel blocks, a global SimMIM-like masking in image space),
   ``blur`` (Gaussian blur with per-crop sigma) and ``downsample_mode: area`` (average pooling down,
