@@ -26,6 +26,8 @@ from volpre.data.manifest import load_manifest
 from volpre.data.readers import read_volume
 from volpre.demo.synthetic import (
     CT_LABELS,
+    CT_REFERENCE_NOISE_HU,
+    CT_REFERENCE_VOXEL_MM,
     LESION_RADIUS_MM,
     MANIFEST_NAME,
     MR_LABELS,
@@ -226,6 +228,21 @@ def test_ct_tissues_have_their_hounsfield_units(manifest, volumes):
         fat = ((image > -150) & (image < -50)).float().mean().item()
         assert lung > 0.04 and fat > 0.01, (entry.id, lung, fat)  # lungs at the top; subcutaneous fat
         assert image.max() > 500 and image.min() >= -1024  # bone; stored range
+
+
+def test_ct_noise_is_the_clinical_noise_averaged_onto_the_stored_voxels(manifest, volumes):
+    # The reference voxel's noise, averaged over the V / V_ref reference voxels a stored voxel holds.
+    reference_mm3 = float(np.prod(CT_REFERENCE_VOXEL_MM))
+    for entry in (e for e in manifest.entries if e.modality == "CT"):
+        image = volumes[entry.id][0]
+        voxel_mm3 = float(np.prod(image.pixdim.numpy()))
+        image = image[0]
+        low, high = (sd * math.sqrt(reference_mm3 / voxel_mm3) for sd in CT_REFERENCE_NOISE_HU)
+        air = image[:6, :6, :].numpy().astype(np.float64)  # air outside the body: only noise
+        rounding = 1.0 / 12.0  # variance of rounding to whole HU
+        measured = math.sqrt(max(air.var() - rounding, 0.0))
+        assert 0.9 * low < measured < 1.1 * high, (entry.id, measured, low, high)
+        assert high < 3.0  # a few HU on ~5 mm voxels, not the 10..18 HU of a 0.78 mm pixel
 
 
 def test_mr_tissues_are_positive_with_a_darker_lesion_in_the_brain(manifest, volumes):

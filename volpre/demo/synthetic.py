@@ -17,7 +17,8 @@ subject ``k`` is the same whatever the number of subjects written.
   pairs of ribs (650) that slope down anteriorly, with costal cartilage (130), and a sternum.
   Body size, fat thickness, pose (up to 5 degrees of rotation, 15 mm of shift) and the
   lesion's size and place vary per subject. Mild Gaussian smoothing (partial volume) and
-  Gaussian noise of 10..18 HU; stored as integer HU in [-1024, 3071].
+  Gaussian noise: 10..18 HU at a clinical 0.78 x 0.78 x 5 mm voxel, averaged onto the stored
+  ~5 mm voxels (1.4..2.9 HU, :func:`ct_noise_sd_hu`); stored as integer HU in [-1024, 3071].
 - MR head, T1-like arbitrary units (>= 0): scalp fat, dark skull, CSF, folded grey/white
   matter, lateral ventricles, a falx, orbits with eyes, the neck; a lesion (a metastasis,
   hypointense) in the white matter; a smooth multiplicative bias field (MONAI's
@@ -113,6 +114,12 @@ _LOG_HAZARD_PER_SD = 1.0
 _CENSORING_RATE_FACTOR = 0.32
 """Censoring hazard / baseline event hazard; 0.32 censors about 30% of subjects."""
 
+CT_REFERENCE_NOISE_HU = (10.0, 18.0)
+"""Noise (SD, HU) of each demo CT, drawn per scan in this range, as a routine-dose abdominal CT
+shows it in soft tissue at the reference voxel :data:`CT_REFERENCE_VOXEL_MM` (a 512 x 512 matrix
+over 400 mm, 5 mm slices). The stored scans have far larger voxels, which hold less noise
+(:func:`ct_noise_sd_hu`)."""
+CT_REFERENCE_VOXEL_MM = (400.0 / 512, 400.0 / 512, 5.0)
 _CT_FOV_MM = 400.0
 _CT_SLICES = 72
 _CT_SLICE_MM = 5.0
@@ -511,15 +518,32 @@ def _ct_hu_table(torso: TorsoAnatomy) -> np.ndarray:
     return table
 
 
+def ct_noise_sd_hu(reference_sd_hu: float, spacing: tuple[float, float, float]) -> float:
+    """Per-voxel noise (SD, HU) on a grid of ``spacing`` (mm) of a scan whose noise is
+    ``reference_sd_hu`` at the reference voxel (:data:`CT_REFERENCE_VOXEL_MM`).
+
+    Quantum noise is independent between the reference voxels, and a voxel of the coarser grid
+    holds ``V / V_ref`` of them: its noise is the noise of their mean,
+    ``reference_sd_hu * sqrt(V_ref / V)``. This is what a real scan shows after it is averaged onto
+    this grid; a scan reconstructed natively at this voxel size would be quieter still (noise
+    variance falls with the cube of the pixel width, Brooks and Di Chiro 1976).
+    """
+    return reference_sd_hu * math.sqrt(math.prod(CT_REFERENCE_VOXEL_MM) / math.prod(spacing))
+
+
 def _render_ct(subject: DemoSubject, follow_up: bool, grid: Grid, rng: np.random.Generator,
-               sigma_voxels: float = 0.7,
-               noise_hu: tuple[float, float] = (10.0, 18.0)) -> tuple[np.ndarray, np.ndarray]:
-    """CT image (int16 HU, ``grid.shape``) and label (uint8: 1 liver, 2 lesion) on ``grid``."""
+               sigma_voxels: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
+    """CT image (int16 HU, ``grid.shape``) and label (uint8: 1 liver, 2 lesion) on ``grid``.
+
+    The noise is this scan's reference noise (drawn from :data:`CT_REFERENCE_NOISE_HU`) averaged
+    onto ``grid``'s voxels (:func:`ct_noise_sd_hu`).
+    """
     torso = subject.torso
     x, y, z = subject.ct_poses[int(follow_up)].body_coordinates(grid.points())
     classes = _torso_classes(torso, torso.lesion_radius_mm(follow_up), x, y, z)
     hu = _smooth(_ct_hu_table(torso)[classes], sigma_voxels)
-    hu += rng.normal(0.0, rng.uniform(*noise_hu), size=hu.shape).astype(np.float32)
+    noise_sd = ct_noise_sd_hu(rng.uniform(*CT_REFERENCE_NOISE_HU), grid.spacing)
+    hu += rng.normal(0.0, noise_sd, size=hu.shape).astype(np.float32)
     image = np.clip(np.rint(hu), *_CT_HU_RANGE).astype(np.int16)
     label = np.zeros(classes.shape, dtype=np.uint8)
     label[classes == _LIVER] = CT_LABELS["liver"]
@@ -756,7 +780,7 @@ class _Writer:
         write_dicom_series(image, grid.affine, study_dir, main_tags,
                            file_names=[f"IM-0002-{k + 1:04d}.dcm" for k in range(grid.shape[2])])
         thick_grid = _ct_grid(subject, plan, self.size, slice_mm=_CT_RECON_SLICE_MM)
-        thick, _ = _render_ct(subject, follow_up, thick_grid, rng, sigma_voxels=1.0, noise_hu=(6.0, 9.0))
+        thick, _ = _render_ct(subject, follow_up, thick_grid, rng, sigma_voxels=1.0)
         thick_tags = self._dicom_tags(subject, plan, self.uid(subject, plan, "series3"), 3, "Abdomen 10mm Br30")
         write_dicom_series(thick, thick_grid.affine, study_dir, thick_tags,
                            file_names=[f"IM-0003-{k + 1:04d}.dcm" for k in range(thick_grid.shape[2])])
