@@ -34,7 +34,9 @@ from volpre.objectives import build_pretrainer
 from volpre.versions import installed_versions
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["preprocess.spacing=[8.0,8.0,8.0]", "data.num_workers=0"]
+# The full profiles' pretraining window (the tiny DAE profiles pretrain at the soft one), so that the
+# fine-tuning window FINETUNE_WINDOW differs from the pretraining window, as the window tests need.
+TINY = ["preprocess.spacing=[8.0,8.0,8.0]", "preprocess.ct_window=[-1000.0,1000.0]", "data.num_workers=0"]
 BUNDLES = ("flexibleunet", "swinunetr", "survivalnet")
 ONE_EPOCH = {
     "flexibleunet": ["--train#dataset#data", "$@train_records[:2]"],

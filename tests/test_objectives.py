@@ -776,8 +776,13 @@ def test_shipped_configs_hold_the_documented_recipes():
         factor = (2,) if name.endswith("-tiny") else (4,)
         assert (dae.noise_variance, dae.downsample_factors, dae.downsample_mode) == ((0.1, 0.1), factor, "nearest")
         assert (dae.local_mask_ratio, dae.loss, dae.cmcl_weight, dae.cmcl_temperature) == (0.6, "l1", 0.03, 0.5)
+        # ... and the soft-tissue window (ours, documented); the full ones, and the MVM profiles, [-1000, 1000]
+        window = (-175.0, 250.0) if name.endswith("-tiny") else (-1000.0, 1000.0)
+        assert load_config(name).preprocess.ct_window == window, name
+    for name in ("swin-mvm-tiny", "resnet-mvm-tiny", "swin-mvm", "resnet-mvm"):
+        assert load_config(name).preprocess.ct_window == (-1000.0, 1000.0), name
     for text in ("variance 0.1", "downsampling by 4", "60% of the embedding channels", "L1 over every voxel",
-                 "weight 0.03", "temperature 0.5", "downsample by 2, not 4"):
+                 "weight 0.03", "temperature 0.5", "downsample by 2, not 4", "soft-tissue CT window [-175, 250] HU"):
         assert text in " ".join(dae_module.__doc__.split()), text
     for name in ("resnet-mvm", "resnet-mvm-tiny"):
         mvm = load_config(name).objective.mvm

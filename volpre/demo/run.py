@@ -20,8 +20,8 @@ tuned for this demo):
   of them are the ``test`` split, so the C-index comes with a usable interval.
 
 Fine-tuning uses the soft-tissue window :data:`FINETUNE_CT_WINDOW` (``volpre export --ct-window``),
-not the pretraining window [-1000, 1000] HU, in which liver and the tissue around it differ by
-about 0.01 (see :func:`run_demo`). The numbers are one run per arm on synthetic phantoms: they
+not the full profiles' [-1000, 1000] HU, in which liver and the tissue around it differ by about
+0.01 (see :func:`run_demo`); the demo's ``resnet-dae-tiny`` pretrains at the same soft window. The numbers are one run per arm on synthetic phantoms: they
 show that every piece works together, not how much pretraining helps
 (``volpre evaluate label-efficiency`` measures that, with seeds and intervals).
 """
@@ -72,7 +72,8 @@ SURVIVAL_SEED_OFFSET = 1
 SEGMENTATION_CLASSES = 3  # background, liver, lesion (volpre.demo.synthetic.CT_LABELS)
 CLASS_NAMES = {value: name for name, value in CT_LABELS.items()}
 FINETUNE_CT_WINDOW = (-175.0, 250.0)
-"""HU window of fine-tuning (MONAI's Swin UNETR BTCV recipe); pretraining keeps [-1000, 1000]."""
+"""HU window of fine-tuning (MONAI's Swin UNETR BTCV recipe), given to the exported bundles; the
+pretraining window is the config's (``resnet-dae-tiny``: the same)."""
 SURVIVAL_ROI = (32, 32, 64)
 """Survival input, voxels at the pretraining spacing (4 mm): 128 x 128 x 256 mm about the liver."""
 DEFAULT_EPOCHS = {"segmentation": 8, "survival": 10}
@@ -374,7 +375,7 @@ def run_demo(out: Path, subjects: int = DEFAULT_SUBJECTS, seed: int = 0, pretrai
          "probe": {"segmentation": {...}, "survival": {...}},   each volpre evaluate probe's results.json
          "demo": {how the run was made: data, splits, steps, windows, versions, wall time}}
 
-    Why the fine-tuning window: in the pretraining window [-1000, 1000] HU scaled to [0, 1], liver
+    Why the fine-tuning window: in the full profiles' window [-1000, 1000] HU scaled to [0, 1], liver
     (55..66 HU) and the soft tissue around it (32..48 HU) differ by about 0.01, and the bundles'
     intensity augmentation (shifts of up to 0.1) moves every voxel by up to 200 HU, ten times
     that difference; at [-175, 250] HU the same tissues differ by 0.05 and a shift is at most 42 HU.
