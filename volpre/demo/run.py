@@ -21,9 +21,10 @@ tuned for this demo):
 
 Fine-tuning uses the soft-tissue window :data:`FINETUNE_CT_WINDOW` (``volpre export --ct-window``),
 not the full profiles' [-1000, 1000] HU, in which liver and the tissue around it differ by about
-0.01 (see :func:`run_demo`); the demo's ``resnet-dae-tiny`` pretrains at the same soft window. The numbers are one run per arm on synthetic phantoms: they
-show that every piece works together, not how much pretraining helps
-(``volpre evaluate label-efficiency`` measures that, with seeds and intervals).
+0.01 (see :func:`run_demo`); the demo's ``resnet-dae-tiny`` pretrains at the same soft window.
+The numbers are one run per arm on synthetic phantoms: they show that every piece works
+together, not how much pretraining helps (``volpre evaluate label-efficiency`` measures that,
+with seeds and intervals).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ DEFAULT_EPOCHS = {"segmentation": 8, "survival": 10}
 scans of 10 subjects, 2 per step), a survival epoch 3 (about 60 scans, 16 per step). Segmentation
 gets the larger share of the demo's time: its 64 steps take about a minute per arm here, and it is
 the task whose score rises with steps (liver Dice 0.49 after 24 steps, 0.68 after 80, pretrained
-arm, one run each); a survival model given four times its 30 steps scored no better (README)."""
+arm, one run each, pretrained at [-1000, 1000]); a survival model given four times its 30 steps
+scored no better (README)."""
 FINETUNE_LR = 2e-3
 """Fine-tuning learning rate of the demo's short CPU runs (the bundles default to 1e-4; the
 encoder gets a tenth of it in the pretrained arm)."""
