@@ -770,7 +770,8 @@ def test_shipped_configs_hold_the_documented_recipes():
     from volpre.config import load_config
 
     for name in ("swin-dae", "resnet-dae", "swin-dae-tiny", "resnet-dae-tiny"):
-        dae = load_config(name).objective.dae
+        config = load_config(name)
+        dae = config.objective.dae
         assert dae.disruptions == ("noise", "downsample", "local_mask"), name
         # the CPU profiles' 4 mm voxels take factor 2 (the docstring says why); the full ones the paper's 4
         factor = (2,) if name.endswith("-tiny") else (4,)
@@ -778,7 +779,7 @@ def test_shipped_configs_hold_the_documented_recipes():
         assert (dae.local_mask_ratio, dae.loss, dae.cmcl_weight, dae.cmcl_temperature) == (0.6, "l1", 0.03, 0.5)
         # ... and the soft-tissue window (ours, documented); the full ones, and the MVM profiles, [-1000, 1000]
         window = (-175.0, 250.0) if name.endswith("-tiny") else (-1000.0, 1000.0)
-        assert load_config(name).preprocess.ct_window == window, name
+        assert config.preprocess.ct_window == window, name
     for name in ("swin-mvm-tiny", "resnet-mvm-tiny", "swin-mvm", "resnet-mvm"):
         assert load_config(name).preprocess.ct_window == (-1000.0, 1000.0), name
     for text in ("variance 0.1", "downsampling by 4", "60% of the embedding channels", "L1 over every voxel",
