@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ from local_paths import local_paths_in
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.scripts import create_workflow
+from monai.handlers import LrScheduleHandler
 
 from volpre.config import load_config
 from volpre.engine.checkpoint import with_checksum
@@ -246,6 +248,32 @@ def test_initialized_train_workflow_holds_the_exported_encoder(name, bundles, ma
     groups = scratch.parser.get_parsed_content("optimizer").param_groups
     assert [g["lr"] for g in groups] == [1e-4, 1e-4]  # scratch arm: one learning rate
     assert [g["lr"] for g in workflow.parser.get_parsed_content("optimizer").param_groups] == [1e-5, 1e-4]
+
+
+@pytest.mark.parametrize("name", ["flexibleunet", "swinunetr"])
+def test_segmentation_learning_rates_decay_by_a_cosine_to_zero_on_the_last_step(name, bundles, manifest, monkeypatch,
+                                                                                  elsewhere):
+    bundle = bundles[name]
+    monkeypatch.chdir(elsewhere)
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
+                              meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                              workflow_type="train", bundle_root=str(bundle), manifest=str(manifest),
+                              **{**WORKFLOW_OVERRIDES[name], "train#trainer#max_epochs": 3})  # as the README overrides
+    workflow.initialize()
+    parse = workflow.parser.get_parsed_content
+    steps = 3 * len(parse("train#dataloader"))
+    scheduler, optimizer = parse("lr_scheduler"), parse("optimizer")
+    assert scheduler.optimizer is optimizer and scheduler.T_max == steps
+    attached = [h for h in parse("train#handlers") if isinstance(h, LrScheduleHandler)]
+    assert len(attached) == 1 and attached[0].lr_scheduler is scheduler and not attached[0].epoch_level
+    base = [g["lr"] for g in optimizer.param_groups]
+    assert base == [1e-5, 1e-4]  # encoder (pretrained: a tenth), decoder
+    for step in range(1, steps + 1):
+        optimizer.step()
+        scheduler.step()
+        expected = [rate * 0.5 * (1 + math.cos(math.pi * step / steps)) for rate in base]
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(expected, abs=1e-12)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.0, 0.0], abs=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:parsing config_file:UserWarning")

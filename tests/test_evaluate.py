@@ -324,6 +324,8 @@ def test_bundle_overrides_are_parsed_as_json_or_kept_as_text():
     ("manifest", None, r"bundle override 'manifest': set by each run's subset manifest; remove the override"),
     ("network_def#backbone", None, r"bundle override 'network_def#backbone': set by the checkpoint and --network"),
     ("max_epochs", 10, r"bundle override 'max_epochs': set by --max-steps"),
+    ("lr_scheduler#T_max", 10, r"bundle override 'lr_scheduler#T_max': set by --max-steps \(the learning-rate "
+                               r"schedule ends on a run's last step\)"),
     ("ct_window", None, r"bundle override 'ct_window': set by --ct-window"),
     ("learning_rat", None, r"bundle override 'learning_rat': .*train\.json has no such key"),
 ])
@@ -331,7 +333,8 @@ def test_bundle_overrides_the_evaluation_sets_or_the_bundle_lacks_are_refused(ke
     train_json = templates_root() / "segmentation" / "configs" / "train.json"
     with pytest.raises(EvaluationError, match=message):
         check_bundle_overrides(train_json, {key: 1}, max_steps)
-    check_bundle_overrides(train_json, {"max_epochs": 5, "train#dataloader#num_workers": 0}, None)
+    check_bundle_overrides(train_json, {"max_epochs": 5, "lr_scheduler#T_max": 5, "train#dataloader#num_workers": 0},
+                           None)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -441,6 +444,7 @@ def test_arms_of_a_seed_share_everything_but_the_encoder_weights(segmentation_ru
         workflow = run_workflow(run)
         assert workflow.parser.get_parsed_content("train#trainer#max_epochs") == 1
         assert workflow.parser.get_parsed_content("val_interval") == 2  # no validation while training
+        assert workflow.parser.get_parsed_content("lr_scheduler#T_max") == 1  # the cosine ends on the budget's step
         return workflow.parser.get_parsed_content("network_def").state_dict()
 
     pretrained, scratch, other_seed = network(True, 3), network(False, 3), network(False, 4)

@@ -43,6 +43,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the demo data (default 0; survival cohort: seed + 1)")
     p.add_argument("--pretrain-steps", type=int, default=30, help="pretraining steps (default 30)")
     p.add_argument("--segmentation-epochs", type=int,
-                   help="fine-tuning epochs of each segmentation arm (default 8; 8 optimiser steps each)")
+                   help="fine-tuning epochs of each segmentation arm (default 24; 8 optimiser steps each)")
     p.add_argument("--survival-epochs", type=int,
                    help="fine-tuning epochs of each survival arm (default 10; 3 optimiser steps each)")

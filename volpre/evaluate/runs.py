@@ -15,6 +15,10 @@ transforms, loss, optimiser, trainer, evaluator). :func:`finetune_and_validate` 
   crops and flips);
 - ``max_epochs``: the step budget when one is given (every epoch has at least one step, so the
   budget, enforced by :class:`~volpre.evaluate.budget.StepBudget`, ends the run);
+- ``lr_scheduler#T_max``: the step budget when one is given and the bundle has a step-level
+  ``lr_scheduler`` (the segmentation bundle's cosine decay), so that the learning rates reach their
+  end on the last step of every run, whatever its number of steps per epoch (the bundle's own
+  ``T_max`` counts ``max_epochs`` full epochs, which a budget cuts short);
 - ``val_interval``: ``max_epochs + 1``, so the bundle does not validate during training.
 
 After training, the bundle's validation evaluator runs once on the final weights; its key metric
@@ -112,8 +116,7 @@ def check_bundle_overrides(train_json: str | os.PathLike[str], overrides: Mappin
     Raises:
         EvaluationError: naming the key and why.
     """
-    parser = ConfigParser()
-    parser.read_config(str(train_json))
+    parser = _read_config(train_json)
     if "seed" not in parser:
         raise EvaluationError(f"bundle config {train_json} has no 'seed' key; the evaluation seeds each run through it "
                               "(re-export the bundle with this volpre)")
@@ -122,10 +125,18 @@ def check_bundle_overrides(train_json: str | os.PathLike[str], overrides: Mappin
         owner = RESERVED_KEYS.get(key) or RESERVED_KEYS.get(head)
         if owner is None and head == "max_epochs" and max_steps is not None:
             owner = "--max-steps (every run stops after that many optimiser steps)"
+        if owner is None and key == "lr_scheduler#T_max" and max_steps is not None:
+            owner = "--max-steps (the learning-rate schedule ends on a run's last step)"
         if owner is not None:
             raise EvaluationError(f"bundle override {key!r}: set by {owner}; remove the override")
         if key not in parser:
             raise EvaluationError(f"bundle override {key!r}: {train_json} has no such key (use '#' for nesting)")
+
+
+def _read_config(path: str | os.PathLike[str]) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config(str(path))
+    return parser
 
 
 @dataclass(frozen=True)
@@ -164,6 +175,8 @@ def run_workflow(run: FinetuneRun) -> ConfigWorkflow:
     }
     if run.max_steps is not None:
         run_overrides["max_epochs"] = int(run.max_steps)
+        if "lr_scheduler" in _read_config(bundle / "configs" / "train.json"):
+            run_overrides["lr_scheduler#T_max"] = int(run.max_steps)
     workflow = ConfigWorkflow(
         config_file=str(bundle / "configs" / "train.json"),
         meta_file=str(bundle / "configs" / "metadata.json"),
