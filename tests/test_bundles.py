@@ -139,6 +139,15 @@ def trained(bundles, manifest, elsewhere):
     return train
 
 
+def train_workflow(bundle: Path, manifest: Path, **overrides) -> ConfigWorkflow:
+    """The bundle's ``train.json`` as an initialised ``ConfigWorkflow`` (nothing built yet)."""
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
+                              meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
+                              workflow_type="train", bundle_root=str(bundle), manifest=str(manifest), **overrides)
+    workflow.initialize()
+    return workflow
+
+
 def parsed_network(bundle: Path, config: str, **overrides) -> torch.nn.Module:
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / config))
@@ -226,11 +235,7 @@ def test_the_fine_tuning_ct_window_reaches_the_transforms_and_the_metadata(bundl
 def test_initialized_train_workflow_holds_the_exported_encoder(name, bundles, manifest, monkeypatch, elsewhere):
     bundle = bundles[name]
     monkeypatch.chdir(elsewhere)
-    workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
-                              meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
-                              workflow_type="train", bundle_root=str(bundle), manifest=str(manifest),
-                              **WORKFLOW_OVERRIDES[name])
-    workflow.initialize()
+    workflow = train_workflow(bundle, manifest, **WORKFLOW_OVERRIDES[name])
     network = workflow.parser.get_parsed_content("network_def")
     exported = torch.load(bundle / "models/pretrained_encoder.pt", weights_only=True)
     state = network.state_dict()
@@ -255,11 +260,8 @@ def test_segmentation_learning_rates_decay_by_a_cosine_to_zero_on_the_last_step(
                                                                                   elsewhere):
     bundle = bundles[name]
     monkeypatch.chdir(elsewhere)
-    workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
-                              meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
-                              workflow_type="train", bundle_root=str(bundle), manifest=str(manifest),
-                              **{**WORKFLOW_OVERRIDES[name], "train#trainer#max_epochs": 3})  # as the README overrides
-    workflow.initialize()
+    # the override the README gives for the number of epochs
+    workflow = train_workflow(bundle, manifest, **{**WORKFLOW_OVERRIDES[name], "train#trainer#max_epochs": 3})
     parse = workflow.parser.get_parsed_content
     steps = 3 * len(parse("train#dataloader"))
     scheduler, optimizer = parse("lr_scheduler"), parse("optimizer")
@@ -290,11 +292,7 @@ def test_monai_command_line_drops_none_overrides_so_scratch_is_a_boolean(bundles
 
 def test_wrong_architecture_override_fails_with_the_key_list(bundles, manifest):
     bundle = bundles["flexibleunet"]
-    workflow = ConfigWorkflow(config_file=str(bundle / "configs/train.json"),
-                              meta_file=str(bundle / "configs/metadata.json"), logging_file=False,
-                              workflow_type="train", bundle_root=str(bundle), manifest=str(manifest),
-                              **{"network_def#backbone": "resnet18"})
-    workflow.initialize()
+    workflow = train_workflow(bundle, manifest, **{"network_def#backbone": "resnet18"})
     with pytest.raises(RuntimeError) as info:
         workflow.parser.get_parsed_content("network_def")
     cause = info.value  # MONAI wraps the factory's error: find it in the chain

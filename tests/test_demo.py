@@ -7,8 +7,8 @@ import json
 import pytest
 
 from volpre.cli import build_parser, main
-from volpre.demo.run import (DEFAULT_PRETRAIN_STEPS, DEFAULT_SUBJECTS, FINETUNE_CT_WINDOW, FINETUNE_LR, MARKER,
-                             SURVIVAL_SUBJECTS, run_demo)
+from volpre.demo.run import (DEFAULT_EPOCHS, DEFAULT_PRETRAIN_STEPS, DEFAULT_SUBJECTS, FINETUNE_CT_WINDOW, FINETUNE_LR,
+                             MARKER, SURVIVAL_SUBJECTS, run_demo)
 from volpre.data.manifest import load_manifest
 from volpre.demo.synthetic import DemoInputError
 
@@ -101,8 +101,15 @@ def test_demo_command_reports_the_users_input_in_one_line_exit_2(tmp_path, capsy
     assert "volpre demo: error: demo data: subjects must be a positive integer, got 0" in capsys.readouterr().err
 
 
-def test_demo_command_defaults_are_the_demo_defaults():
+def test_demo_command_defaults_are_the_demo_defaults(capsys):
     args = build_parser().parse_args(["demo"])
     assert (args.subjects, args.survival_subjects, args.pretrain_steps) == (
         DEFAULT_SUBJECTS, SURVIVAL_SUBJECTS, DEFAULT_PRETRAIN_STEPS)
     assert str(args.out) == "demo_run"
+    # the epochs default inside run_demo (None here); the help states them by hand
+    assert (args.segmentation_epochs, args.survival_epochs) == (None, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for task in ("segmentation", "survival"):
+        assert f"fine-tuning epochs of each {task} arm (default {DEFAULT_EPOCHS[task]};" in help_text
