@@ -83,8 +83,8 @@ scans of 10 subjects, 2 per step), a survival epoch 3 (about 60 scans, 16 per st
 gets most of the demo's time: its 192 steps take about two minutes per arm here, and it is the
 task whose score rises with steps (pretrained arm, test liver Dice, one run each on these data:
 0.665 after 64 steps at a constant rate, 0.733 after 192, 0.795 after 192 with the bundle's cosine
-decay, 0.861 after 360 at a constant rate, the best of validations every 40 steps; README); a survival model given four times its 30
-steps scored no better (README)."""
+decay, 0.861 after 360 at a constant rate, the best of validations every 40 steps; README); a
+survival model given four times its 30 steps scored no better (README)."""
 FINETUNE_LR = 2e-3
 """Fine-tuning learning rate of the demo's short CPU runs (the bundles default to 1e-4; the
 encoder gets a tenth of it in the pretrained arm)."""
@@ -115,7 +115,8 @@ class ArmResult:
     epochs: int
     seconds: float
     learning_rate: float
-    """The head's learning rate (the bundle's ``learning_rate``)."""
+    """The head's learning rate (the bundle's ``learning_rate``; the segmentation bundle's cosine
+    decays it from there)."""
     encoder_learning_rate: float
     """The encoder's (the bundle's ``encoder_learning_rate``: a tenth of the head's for a pretrained encoder)."""
     scores: dict[str, Any] = field(default_factory=dict)
@@ -298,7 +299,8 @@ def format_report(results: list[ArmResult], probes: dict[str, dict[str, Any]], i
         f"{CINDEX_INTERVAL_METHOD}: intervals of the two arms that overlap do not tell the arms apart.",
         "- One run per arm and one seed. The difference between the arms is not a measurement of what pretraining "
         "is worth: that needs several seeds and label fractions (`volpre evaluate label-efficiency`), and real data.",
-        f"- Learning rates as the bundles set them (head / encoder): {_rates(results)}. Where the encoder's rates "
+        f"- Learning rates as the bundles set them (head / encoder): {_rates(results)}; the segmentation bundle "
+        "decays both by a cosine to 0 on its last step, the survival bundle keeps them. Where the encoder's rates "
         "differ, so do the arms in more than their starting weights (`encoder_learning_rate=VALUE` puts both at one "
         "rate).",
         "- The data are synthetic and the runs short (a few epochs on a CPU). Real CT is harder; these numbers say "
