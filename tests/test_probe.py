@@ -30,7 +30,9 @@ from volpre.engine.checkpoint import load_checkpoint, with_checksum
 from volpre.engine.trainer import pretrain
 from volpre.evaluate.probe import TrainingProbe, segmentation
 from volpre.evaluate.probe.compare import random_encoder
-from volpre.evaluate.probe.features import features_at, pooled_features
+from volpre.evaluate.errors import EvaluationError
+from volpre.evaluate.probe import compare
+from volpre.evaluate.probe.features import features_at, pooled_features, recompute_batchnorm_statistics
 from volpre.evaluate.probe.segmentation import LinearHead, predict_volume, sample_voxels
 from volpre.evaluate.probe.survival import fit_cox
 from volpre.models import build_encoder
@@ -130,6 +132,38 @@ def test_pooled_features_cover_only_the_unpadded_volume():
     assert pooled.shape == (5,) and pooled[0] == 1.0
 
 
+def test_recomputed_batchnorm_statistics_are_the_volumes_averages():
+    """running_mean: the mean over volumes of each channel's mean; running_var: the mean of the volumes'
+    unbiased variances; dropout stays off, and flags, momentum and weights are as before."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+    dropout, norm = torch.nn.Dropout(0.5), torch.nn.BatchNorm3d(4, momentum=0.3)
+    encoder = torch.nn.Sequential(conv, dropout, norm).train()
+    norm.eval()  # a mixed state, to see it restored
+    images = [torch.randn(1, 32, 32, 32) * 2 + 1, torch.rand(1, 32, 64, 32) - 3]
+    weights = {k: v.clone() for k, v in encoder.state_dict().items() if "running" not in k and "batches" not in k}
+
+    assert recompute_batchnorm_statistics(encoder, images, torch.device("cpu")) == 1
+
+    with torch.no_grad():
+        outputs = [conv(image[None]) for image in images]
+    expected_mean = torch.stack([o.mean(dim=(0, 2, 3, 4)) for o in outputs]).mean(0)
+    expected_var = torch.stack([o.var(dim=(0, 2, 3, 4), unbiased=True) for o in outputs]).mean(0)
+    torch.testing.assert_close(norm.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(norm.running_var, expected_var, rtol=1e-4, atol=1e-5)
+    assert int(norm.num_batches_tracked) == 2 and norm.momentum == 0.3
+    assert encoder.training and dropout.training and not norm.training
+    assert all(torch.equal(encoder.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_recomputing_batchnorm_statistics_needs_batchnorm_and_volumes():
+    with pytest.raises(EvaluationError, match="Sequential has no BatchNorm layer, so it keeps no running statistics"):
+        recompute_batchnorm_statistics(torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1)), [torch.zeros(1, 32, 32, 32)],
+                                       torch.device("cpu"))
+    with pytest.raises(EvaluationError, match="no volumes to recompute the BatchNorm statistics on"):
+        recompute_batchnorm_statistics(torch.nn.BatchNorm3d(1), [], torch.device("cpu"))
+
+
 def test_cox_fit_matches_lifelines():
     from lifelines import CoxPHFitter
 
@@ -170,9 +204,44 @@ def test_segmentation_probe_command(tmp_path, checkpoint, demo_manifest):
     assert results["data"]["train"] == ["s000-ct0", "s001-ct0"] and results["data"]["val"] == ["s002-ct0"]
     assert results["data"]["num_classes"] == 3 and results["checkpoint"]["step"] == 2
     assert results["settings"]["voxels_per_class"] == segmentation.VOXELS_PER_CLASS
+    assert results["settings"]["bn_stats"] == "checkpoint" and "BatchNorm statistics: checkpoint" in stdout
     pretrained_row = next(line for line in stdout.splitlines() if line.startswith("| pretrained |"))
     assert f"{results['arms']['pretrained']['mean']:.4f} ± {results['arms']['pretrained']['sd']:.4f}" in pretrained_row
     assert "| pretrained - random_init |" in stdout
+
+
+def test_bn_stats_train_recomputes_both_arms_on_the_train_images(tmp_path, checkpoint, demo_manifest, monkeypatch):
+    calls = []
+
+    def recording(encoder, images, device):
+        calls.append((encoder, [tuple(i.shape) for i in images]))
+        return recompute_batchnorm_statistics(encoder, images, device)
+
+    monkeypatch.setattr(compare, "recompute_batchnorm_statistics", recording)
+    out = tmp_path / "probe"
+    status, stdout, stderr = run_cli("evaluate", "probe", "--pretrained", checkpoint, "--manifest", demo_manifest,
+                                     "--out", out, "--seeds", "2", "--device", "cpu", "--max-entries", "2",
+                                     "--bn-stats", "train")
+    assert status == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["bn_stats"] == "train" and "BatchNorm statistics: train" in stdout
+    assert len(calls) == 3 and len({id(encoder) for encoder, _ in calls}) == 3  # pretrained, random seeds 0 and 1
+    assert all(len(shapes) == len(results["data"]["train"]) == 2 for _, shapes in calls)
+    for encoder, _ in calls:  # statistics of the two train volumes, not the initial or pretraining ones
+        assert all(int(m.num_batches_tracked) == 2 for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm3d))
+
+
+def test_bn_stats_train_on_an_encoder_without_batchnorm_exits_2(tmp_path, demo_manifest):
+    swin = pretrain(load_config("swin-dae-tiny", TINY), demo_manifest, tmp_path / "swin", max_steps=1,
+                    device="cpu").checkpoint
+    status, _, stderr = run_cli("evaluate", "probe", "--pretrained", swin, "--manifest", demo_manifest,
+                                "--out", tmp_path / "out", "--max-entries", "1", "--bn-stats", "train")
+    assert status == 2, stderr
+    error = stderr.strip().splitlines()[-1]  # after the line on the entries read
+    assert "bn_stats: SwinEncoder has no BatchNorm layer" in error and "use the default, checkpoint" in error
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(EvaluationError, match="bn_stats: got 'both', expected one of checkpoint, train"):
+        compare.compare_with_random_init(swin, demo_manifest, tmp_path / "out", bn_stats="both")
 
 
 def test_random_init_arm_is_the_runs_own_initialisation_at_its_seed(demo_manifest, tmp_path):

@@ -33,7 +33,8 @@ def run_probe(args: argparse.Namespace) -> int:
 
     results = compare_with_random_init(args.pretrained, args.manifest, args.out, task=args.task,
                                        seeds=args.seeds, modality=args.modality, weights=args.weights,
-                                       device=args.device, max_entries=args.max_entries, say=to_stderr)
+                                       device=args.device, max_entries=args.max_entries, bn_stats=args.bn_stats,
+                                       say=to_stderr)
     print(probe_table(results))
     print(f"wrote {args.out / 'results.json'}")
     return 0
@@ -116,4 +117,8 @@ def _add_probe(esub) -> None:
                    help="the checkpoint's trained weights or their moving average (if the run kept one)")
     q.add_argument("--max-entries", type=int, help="at most this many entries of each split, in manifest order "
                    "(default: all)")
+    q.add_argument("--bn-stats", choices=["checkpoint", "train"], default="checkpoint",
+                   help="BatchNorm running statistics of both arms: as they are (default; the pretraining's were "
+                   "gathered on its disrupted or masked inputs), or recomputed on the train entries' images first "
+                   "(encoders with BatchNorm: resnet)")
     add_device_option(q)

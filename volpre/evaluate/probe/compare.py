@@ -10,6 +10,11 @@ Both arms go through the very same probe (:mod:`~volpre.evaluate.probe.segmentat
   initialises it after ``torch.manual_seed(s)`` (so seed ``train.seed`` is the very initialisation
   the checkpoint's run started from), probed like the pretrained arm with seed ``s``.
 
+Both arms use their BatchNorm layers' running statistics as they are (``bn_stats="checkpoint"``:
+the pretraining's, or the initial zero mean and unit variance), or both first recompute them on
+the probe's ``train`` images (``bn_stats="train"``, see
+:func:`~volpre.evaluate.probe.features.recompute_batchnorm_statistics`).
+
 ``OUT/results.json``::
 
     {"task": "segmentation", "metric": "dice", "metric_label": "mean foreground Dice (val)",
@@ -40,6 +45,7 @@ from volpre.config import ModelConfig
 from volpre.evaluate.errors import EvaluationError
 from volpre.evaluate.probe import segmentation, survival
 from volpre.evaluate.probe.data import ProbeData, load_probe_data
+from volpre.evaluate.probe.features import recompute_batchnorm_statistics
 from volpre.evaluate.probe.segmentation import SegmentationProbe
 from volpre.evaluate.probe.survival import SurvivalProbe
 from volpre.evaluate.sampling import Task
@@ -51,6 +57,8 @@ from volpre.versions import installed_versions
 RESULTS_FILE = "results.json"
 ARMS = ("pretrained", "random_init")
 METRIC_LABELS = {"dice": "mean foreground Dice (val)", "cindex": "Harrell's C-index (val)"}
+BN_STATS = ("checkpoint", "train")
+"""Where the encoders' BatchNorm running statistics come from: as they are, or the probe's ``train`` images."""
 
 
 def build_probe(data: ProbeData, seeds: Sequence[int], device: torch.device) -> SegmentationProbe | SurvivalProbe:
@@ -90,9 +98,10 @@ def _arm_summary(scores: Sequence[dict[str, float]], metric: str, class_names: S
     return summary
 
 
-def _settings(task: str) -> dict[str, Any]:
+def _settings(task: str, bn_stats: str) -> dict[str, Any]:
     if task == "segmentation":
         return {
+            "bn_stats": bn_stats,
             "head": "linear 1x1x1 conv on the five frozen maps, trilinearly upsampled to the input grid",
             "loss": "cross-entropy + soft Dice (all classes), from a class-stratified, inverse-weighted voxel sample",
             "voxels_per_class": segmentation.VOXELS_PER_CLASS,
@@ -101,6 +110,7 @@ def _settings(task: str) -> dict[str, Any]:
             "optimizer": "L-BFGS (strong Wolfe), zero initialisation",
         }
     return {
+        "bn_stats": bn_stats,
         "model": "linear Cox (Breslow) on pooled frozen maps (+ covariates), standardised, blocks scaled 1/sqrt(width)",
         "l2_penalty": survival.COX_L2_PENALTY,
         "max_iterations": survival.MAX_ITERATIONS,
@@ -118,6 +128,7 @@ def compare_with_random_init(
     weights: Literal["model", "ema"] = "model",
     device: str | None = None,
     max_entries: int | None = None,
+    bn_stats: Literal["checkpoint", "train"] = "checkpoint",
     say: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Probe the checkpoint's encoder and random initialisations of it; write and return ``OUT/results.json``.
@@ -132,11 +143,14 @@ def compare_with_random_init(
         weights: the checkpoint's trained weights or their moving average.
         device: ``"cpu"``, ``"cuda"`` or None (CUDA when available).
         max_entries: at most this many entries of each split (None: all).
+        bn_stats: ``"checkpoint"``: every encoder's BatchNorm running statistics as they are;
+            ``"train"``: both arms' recomputed on the probe's ``train`` images first.
         say: receives progress lines.
 
     Raises:
         FileExistsError: ``out`` is a file or a non-empty directory.
-        EvaluationError: bad seeds or task; a manifest without usable labels for the task (see
+        EvaluationError: bad seeds, task or bn_stats (``"train"`` for an encoder without BatchNorm);
+            a manifest without usable labels for the task (see
             :func:`volpre.evaluate.probe.data.load_probe_data`).
         ManifestError, VolumeError: the manifest or one of its volumes cannot be read.
         CheckpointError, WeightsError: the checkpoint cannot be read or its encoder does not fit its config.
@@ -150,6 +164,8 @@ def compare_with_random_init(
         raise EvaluationError(f"seeds: got {seeds!r}, expected an integer >= 1 (the number of seeds)")
     if task not in ("segmentation", "survival"):
         raise EvaluationError(f"task: got {task!r}, expected one of segmentation, survival")
+    if bn_stats not in BN_STATS:
+        raise EvaluationError(f"bn_stats: got {bn_stats!r}, expected one of {', '.join(BN_STATS)}")
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise EvaluationError("device: cuda was asked for, but torch sees no CUDA device")
@@ -163,17 +179,23 @@ def compare_with_random_init(
     seed_list = list(range(seeds))
     probe = build_probe(data, seed_list, run_device)
 
+    def prepared(encoder: nn.Module) -> nn.Module:
+        encoder = encoder.to(run_device)
+        if bn_stats == "train":
+            recompute_batchnorm_statistics(encoder, [v.image for v in data.train], run_device)
+        return encoder
+
     encoder = build_encoder(cfg.model)
     encoder.load_state_dict(pretrained.state, strict=True)
     started = time.perf_counter()
-    scores: dict[str, list[dict[str, float]]] = {"pretrained": probe.score(encoder.to(run_device))}
+    scores: dict[str, list[dict[str, float]]] = {"pretrained": probe.score(prepared(encoder))}
     seconds["pretrained"] = time.perf_counter() - started
     say(f"pretrained: {probe.metric} {', '.join(f'{s[probe.metric]:.4f}' for s in scores['pretrained'])} "
         f"({seconds['pretrained']:.0f} s)")
     started = time.perf_counter()
     scores["random_init"] = []
     for seed in seed_list:
-        scores["random_init"] += probe.score(random_encoder(cfg.model, seed).to(run_device), [seed])
+        scores["random_init"] += probe.score(prepared(random_encoder(cfg.model, seed)), [seed])
         say(f"random_init seed {seed}: {probe.metric} {scores['random_init'][-1][probe.metric]:.4f}")
     seconds["random_init"] = time.perf_counter() - started
 
@@ -203,7 +225,7 @@ def compare_with_random_init(
             "num_classes": data.num_classes if task == "segmentation" else None,
             "covariates": list(data.covariates),
         },
-        "settings": _settings(task),
+        "settings": _settings(task, bn_stats),
         "device": str(run_device),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "versions": installed_versions(),
@@ -231,7 +253,8 @@ def probe_table(results: dict[str, Any]) -> str:
     data = results["data"]
     lines = [
         f"{results['task']} probe of {results['checkpoint']['path']} (step {results['checkpoint']['step']}, "
-        f"{results['checkpoint']['weights']} weights): {results['metric_label']}, fitted on {len(data['train'])} "
+        f"{results['checkpoint']['weights']} weights, BatchNorm statistics: {results['settings']['bn_stats']}): "
+        f"{results['metric_label']}, fitted on {len(data['train'])} "
         f"train / scored on {len(data['val'])} val {data['modality']} entries, {len(results['seeds'])} seeds",
         "",
         "| arm | " + " | ".join([results["metric"], *names, "per seed"]) + " |",

@@ -10,6 +10,11 @@ a probe inside a training loop leaves the model as it found it.
 :func:`features_at` reads that upsampled feature at given voxels without building the
 full-resolution maps (``grid_sample`` at the same positions, border-clamped, which gives the same
 numbers), so a probe can fit on a sample of voxels and still mean "upsampled multi-scale features".
+
+:func:`recompute_batchnorm_statistics` replaces the running statistics of an encoder's BatchNorm
+layers by those of given volumes (the probe's ``--bn-stats train``): a pretraining objective that
+disrupts or masks its inputs leaves running statistics of the disrupted inputs, which eval mode
+then applies to clean ones (AdaBN, Li et al. 2016, recomputes them on the target data).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from volpre.evaluate.errors import EvaluationError
 
 
 @contextlib.contextmanager
@@ -34,6 +41,54 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def recompute_batchnorm_statistics(encoder: nn.Module, images: Sequence[torch.Tensor], device: torch.device) -> int:
+    """Set every BatchNorm layer's running mean and variance to their averages over ``images``.
+
+    Each image is one batch of one volume, passed in order through the encoder with only its
+    BatchNorm layers in train mode (dropout and drop-path stay off), without gradients. With
+    ``momentum=None`` PyTorch keeps the cumulative average, so afterwards ``running_mean`` is the mean
+    over the volumes of each channel's mean over the volume's voxels, and ``running_var`` the mean of
+    the volumes' unbiased variances (deeper layers see the statistics the earlier layers are
+    accumulating, as in any train-mode forward). Weights, biases and every layer's train/eval flag
+    and momentum are as before; ``num_batches_tracked`` counts the volumes.
+
+    Args:
+        encoder: a volpre encoder on ``device``.
+        images: ``(C, X, Y, Z)`` float volumes (e.g. the probe's ``train`` images), X/Y/Z multiples of 32.
+        device: the encoder's device.
+
+    Returns:
+        The number of BatchNorm layers recomputed.
+
+    Raises:
+        EvaluationError: the encoder has no BatchNorm layer (e.g. Swin's layer norms keep no
+            running statistics), or ``images`` is empty.
+    """
+    layers = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        raise EvaluationError(f"bn_stats: {type(encoder).__name__} has no BatchNorm layer, so it keeps no running "
+                              "statistics to recompute (use the default, checkpoint)")
+    if not images:
+        raise EvaluationError("bn_stats: no volumes to recompute the BatchNorm statistics on")
+    modes = [(m, m.training) for m in encoder.modules()]
+    momenta = [(m, m.momentum) for m in layers]
+    try:
+        encoder.eval()
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for image in images:
+                encoder(image[None].to(device, non_blocking=True))
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    return len(layers)
 
 
 def encoder_features(encoder: nn.Module, image: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
