@@ -66,6 +66,12 @@ def test_bench_data_names_what_it_cannot_use(tmp_path, capsys):
     assert exit_.value.code == 2 and "argument --roi: expected 3 arguments" in capsys.readouterr().err
     assert main(["bench", "data", str(manifest), "--roi", "16", "16", "16", "--pipelines", "reference,fast"]) == 2
     assert "--pipelines: unknown pipeline 'fast'; choose from reference, persistent" in capsys.readouterr().err
+    missing = tmp_path / "gone.nii.gz"
+    save_manifest(Manifest(entries=[ManifestEntry(image=(missing,), id="ct-gone", modality="CT")]), manifest)
+    assert main(["bench", "data", str(manifest), "--roi", "16", "16", "16", "--config", "swin-dae-tiny"]) == 2
+    error = capsys.readouterr().err
+    assert f"{missing}: no such file or directory (entry ct-gone; volpre check {manifest} lists every bad entry)" in error
+    assert "Errno" not in error
 
 
 def test_bench_ct_volumes_are_deterministic_and_entries_cycle_over_files(tmp_path):

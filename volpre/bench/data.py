@@ -62,6 +62,7 @@ from volpre.bench.isolated import run_isolated
 from volpre.config import DataConfig, PreprocessConfig, RunConfig
 from volpre.data.cache import CachedCrops, VolumeCache, build_cache, entries_to_cache, read_crop
 from volpre.data.dataset import PretrainDataset, VolumeGroups, available_cpus, crop_loader, loader_workers
+from volpre.data.errors import VolumeError
 from volpre.data.manifest import ManifestEntry, load_manifest
 from volpre.data.transforms import CROP_DTYPE, CropWindow, draw_crop_starts
 from volpre.text import printable
@@ -264,12 +265,23 @@ def warm_stage_times(setup: DataBenchSetup, warm: dict) -> dict[str, float]:
 # ----------------------------------------------------------------------------- driver
 
 
-def _read_once(paths: Sequence[Path]) -> None:
-    """Read every file once, so that no pipeline pays for the first read from disk."""
-    for path in paths:
-        with open(path, "rb") as handle:
-            while handle.read(1 << 24):
-                pass
+def _read_once(entries: Sequence[ManifestEntry], manifest_path: Path) -> None:
+    """Read every entry's file once, so that no pipeline pays for the first read from disk.
+
+    Raises:
+        VolumeError: a file is missing or cannot be opened (the message names the entry).
+    """
+    for entry in entries:
+        path = entry.image[0]
+        advice = f"entry {printable(entry.id)}; volpre check {manifest_path} lists every bad entry"
+        try:
+            with open(path, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+        except FileNotFoundError as error:
+            raise VolumeError(path, "missing", f"no such file or directory ({advice})") from error
+        except OSError as error:
+            raise VolumeError(path, "unreadable", f"cannot be read: {error.strerror or error} ({advice})") from error
 
 
 def _stored_voxels(cache: VolumeCache, entries: Sequence[ManifestEntry]) -> int:
@@ -304,7 +316,7 @@ def run_data_bench(manifest_path: Path, cfg: RunConfig, roi: tuple[int, int, int
     # the workers volpre's loader would use (at most the CPUs available), given to every pipeline alike
     data = dataclasses.replace(cfg.data, roi=tuple(roi), num_workers=loader_workers(workers))
     sources = list(entries_to_cache(entries))
-    _read_once([e.image[0] for e in sources])
+    _read_once(sources, Path(manifest_path))
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="volpre-bench-") as tmp:
         setup = DataBenchSetup(tuple(entries), cfg.preprocess, data, Path(tmp), min_seconds, cfg.train.seed)
