@@ -32,7 +32,8 @@ from volpre.evaluate.probe import TrainingProbe, segmentation
 from volpre.evaluate.probe.compare import random_encoder
 from volpre.evaluate.errors import EvaluationError
 from volpre.evaluate.probe import compare
-from volpre.evaluate.probe.features import features_at, pooled_features, recompute_batchnorm_statistics
+from volpre.evaluate.probe.features import (check_levels, encoder_features, features_at, pooled_features,
+                                            recompute_batchnorm_statistics)
 from volpre.evaluate.probe.segmentation import LinearHead, predict_volume, sample_voxels
 from volpre.evaluate.probe.survival import fit_cox
 from volpre.models import build_encoder
@@ -132,6 +133,22 @@ def test_pooled_features_cover_only_the_unpadded_volume():
     assert pooled.shape == (5,) and pooled[0] == 1.0
 
 
+def test_encoder_features_of_chosen_levels_are_those_maps():
+    torch.manual_seed(0)
+    encoder = build_encoder(load_config("resnet-dae-tiny").model).eval()
+    image = torch.randn(1, 32, 64, 32)
+    with torch.no_grad():
+        every = encoder_features(encoder, image, torch.device("cpu"))
+        chosen = encoder_features(encoder, image, torch.device("cpu"), (1, 3))
+    assert [m.shape[1:] for m in every] == [(32 // 2 ** (i + 1), 64 // 2 ** (i + 1), 32 // 2 ** (i + 1)) for i in range(5)]
+    assert len(chosen) == 2 and torch.equal(chosen[0], every[1]) and torch.equal(chosen[1], every[3])
+    assert check_levels([3, 1]) == (1, 3)
+    for bad in ([], [1, 1], [5], [-1], [True]):
+        with pytest.raises(EvaluationError, match=r"levels: got .*, expected distinct levels among 0, 1, 2, 3, 4 "
+                           r"\(level i is the encoder's map at stride 2\^\(i\+1\)\)"):
+            check_levels(bad)
+
+
 def test_recomputed_batchnorm_statistics_are_the_volumes_averages():
     """running_mean: the mean over volumes of each channel's mean; running_var: the mean of the volumes'
     unbiased variances; dropout stays off, and flags, momentum and weights are as before."""
@@ -205,6 +222,7 @@ def test_segmentation_probe_command(tmp_path, checkpoint, demo_manifest):
     assert results["data"]["num_classes"] == 3 and results["checkpoint"]["step"] == 2
     assert results["settings"]["voxels_per_class"] == segmentation.VOXELS_PER_CLASS
     assert results["settings"]["bn_stats"] == "checkpoint" and "BatchNorm statistics: checkpoint" in stdout
+    assert results["settings"]["levels"] == [0, 1, 2, 3, 4] and "levels 0,1,2,3,4)" in stdout
     pretrained_row = next(line for line in stdout.splitlines() if line.startswith("| pretrained |"))
     assert f"{results['arms']['pretrained']['mean']:.4f} ± {results['arms']['pretrained']['sd']:.4f}" in pretrained_row
     assert "| pretrained - random_init |" in stdout
@@ -242,6 +260,32 @@ def test_bn_stats_train_on_an_encoder_without_batchnorm_exits_2(tmp_path, demo_m
     assert not (tmp_path / "out").exists()
     with pytest.raises(EvaluationError, match="bn_stats: got 'both', expected one of checkpoint, train"):
         compare.compare_with_random_init(swin, demo_manifest, tmp_path / "out", bn_stats="both")
+
+
+def test_levels_choose_the_maps_the_head_reads(tmp_path, checkpoint, demo_manifest, survival_manifest):
+    """One level alone: the probe reads only that map (head width = its channels), for both tasks."""
+    widths = []
+    fit = segmentation.fit_linear_head
+
+    def recording(features, *args):
+        widths.append(features.shape[1])
+        return fit(features, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(segmentation, "fit_linear_head", recording)
+        status, stdout, stderr = run_cli("evaluate", "probe", "--pretrained", checkpoint, "--manifest", demo_manifest,
+                                         "--out", tmp_path / "seg", "--seeds", "1", "--max-entries", "2",
+                                         "--levels", "3,1")
+    assert status == 0, stderr
+    results = json.loads((tmp_path / "seg" / "results.json").read_text())
+    assert results["settings"]["levels"] == [1, 3] and "levels 1,3)" in stdout
+    channels = [m.shape[0] for m in encoder_features(build_encoder(load_config("resnet-dae-tiny").model).eval(),
+                                                      torch.zeros(1, 32, 32, 32), torch.device("cpu"))]
+    assert widths == [channels[1] + channels[3]] * 2  # pretrained, random init seed 0
+    status, _, stderr = run_cli("evaluate", "probe", "--pretrained", checkpoint, "--manifest", survival_manifest,
+                                "--out", tmp_path / "surv", "--task", "survival", "--seeds", "1", "--levels", "4")
+    assert status == 0, stderr
+    assert json.loads((tmp_path / "surv" / "results.json").read_text())["settings"]["levels"] == [4]
 
 
 def test_random_init_arm_is_the_runs_own_initialisation_at_its_seed(demo_manifest, tmp_path):
@@ -313,6 +357,11 @@ def test_other_user_errors_exit_2(tmp_path, checkpoint, demo_manifest):
     (tmp_path / "full" / "x").write_text("")
     status, _, stderr = run_cli(*base, "--out", tmp_path / "full")
     assert status == 2 and "is a non-empty directory" in stderr
+    status, _, stderr = run_cli(*base, "--out", tmp_path / "f", "--levels", "1,x")
+    assert status == 2 and "--levels: got '1,x'; expected comma-separated levels among 0-4, e.g. 0,1,2,3,4" in stderr
+    status, _, stderr = run_cli(*base, "--out", tmp_path / "g", "--levels", "5")
+    assert status == 2 and "levels: got [5], expected distinct levels among 0, 1, 2, 3, 4" in stderr
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
     status, _, stderr = run_cli(*base, "--out", tmp_path / "b", "--max-entries", "0")
     assert status == 2 and "max_entries: got 0, expected an integer >= 1" in stderr
     status, _, stderr = run_cli("evaluate", "probe", "--pretrained", tmp_path / "nope.pt", "--manifest", demo_manifest,

@@ -31,10 +31,15 @@ def run_label_efficiency(args: argparse.Namespace) -> int:
 def run_probe(args: argparse.Namespace) -> int:
     from volpre.evaluate.probe import compare_with_random_init, probe_table
 
+    try:
+        levels = [int(text) for text in args.levels.split(",")]
+    except ValueError as error:
+        raise UserError(f"--levels: got {args.levels!r}; expected comma-separated levels among 0-4, "
+                        "e.g. 0,1,2,3,4 or 1") from error
     results = compare_with_random_init(args.pretrained, args.manifest, args.out, task=args.task,
                                        seeds=args.seeds, modality=args.modality, weights=args.weights,
                                        device=args.device, max_entries=args.max_entries, bn_stats=args.bn_stats,
-                                       say=to_stderr)
+                                       levels=levels, say=to_stderr)
     print(probe_table(results))
     print(f"wrote {args.out / 'results.json'}")
     return 0
@@ -102,7 +107,7 @@ def _add_probe(esub) -> None:
                     description="""Extract frozen features of the labelled train and val entries (preprocessed with the
                     checkpoint's own preprocess config) with the checkpoint's encoder and with the same architecture at
                     random initialisation (seed s for seed s), fit a light head on train and score it on val.
-                    Segmentation: a linear 1x1x1 head on all five feature maps, upsampled; mean foreground Dice and
+                    Segmentation: a linear 1x1x1 head on all five feature maps (or --levels), upsampled; mean foreground Dice and
                     Dice per class (MONAI compute_dice). Survival: an L2-penalised Cox model on pooled features (plus
                     covariates); Harrell's C-index. Writes OUT/results.json and prints mean ± sd over seeds per
                     arm.""")
@@ -121,4 +126,7 @@ def _add_probe(esub) -> None:
                    help="BatchNorm running statistics of both arms: as they are (default; the pretraining's were "
                    "gathered on its disrupted or masked inputs), or recomputed on the train entries' images first "
                    "(encoders with BatchNorm: resnet)")
+    q.add_argument("--levels", default="0,1,2,3,4",
+                   help="comma-separated encoder levels the head reads, level i being the map at stride 2^(i+1) "
+                   "(default: 0,1,2,3,4, all five; e.g. 1 to probe one level alone)")
     add_device_option(q)

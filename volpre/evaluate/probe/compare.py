@@ -45,7 +45,7 @@ from volpre.config import ModelConfig
 from volpre.evaluate.errors import EvaluationError
 from volpre.evaluate.probe import segmentation, survival
 from volpre.evaluate.probe.data import ProbeData, load_probe_data
-from volpre.evaluate.probe.features import recompute_batchnorm_statistics
+from volpre.evaluate.probe.features import LEVELS, check_levels, recompute_batchnorm_statistics
 from volpre.evaluate.probe.segmentation import SegmentationProbe
 from volpre.evaluate.probe.survival import SurvivalProbe
 from volpre.evaluate.sampling import Task
@@ -61,11 +61,12 @@ BN_STATS = ("checkpoint", "train")
 """Where the encoders' BatchNorm running statistics come from: as they are, or the probe's ``train`` images."""
 
 
-def build_probe(data: ProbeData, seeds: Sequence[int], device: torch.device) -> SegmentationProbe | SurvivalProbe:
-    """The probe of ``data.task`` for ``seeds`` on ``device``."""
+def build_probe(data: ProbeData, seeds: Sequence[int], device: torch.device,
+                levels: Sequence[int] = LEVELS) -> SegmentationProbe | SurvivalProbe:
+    """The probe of ``data.task`` for ``seeds`` on ``device``, reading the encoder's maps of ``levels``."""
     if data.task == "segmentation":
-        return SegmentationProbe(data, seeds, device)
-    return SurvivalProbe(data, seeds, device)
+        return SegmentationProbe(data, seeds, device, levels)
+    return SurvivalProbe(data, seeds, device, levels)
 
 
 def random_encoder(model: ModelConfig, seed: int) -> nn.Module:
@@ -98,11 +99,12 @@ def _arm_summary(scores: Sequence[dict[str, float]], metric: str, class_names: S
     return summary
 
 
-def _settings(task: str, bn_stats: str) -> dict[str, Any]:
+def _settings(task: str, bn_stats: str, levels: Sequence[int]) -> dict[str, Any]:
     if task == "segmentation":
         return {
             "bn_stats": bn_stats,
-            "head": "linear 1x1x1 conv on the five frozen maps, trilinearly upsampled to the input grid",
+            "levels": list(levels),
+            "head": "linear 1x1x1 conv on the frozen maps of these levels, trilinearly upsampled to the input grid",
             "loss": "cross-entropy + soft Dice (all classes), from a class-stratified, inverse-weighted voxel sample",
             "voxels_per_class": segmentation.VOXELS_PER_CLASS,
             "l2_penalty": segmentation.L2_PENALTY,
@@ -111,7 +113,8 @@ def _settings(task: str, bn_stats: str) -> dict[str, Any]:
         }
     return {
         "bn_stats": bn_stats,
-        "model": "linear Cox (Breslow) on pooled frozen maps (+ covariates), standardised, blocks scaled 1/sqrt(width)",
+        "levels": list(levels),
+        "model": "linear Cox (Breslow) on the pooled frozen maps of these levels (+ covariates), standardised, blocks scaled 1/sqrt(width)",
         "l2_penalty": survival.COX_L2_PENALTY,
         "max_iterations": survival.MAX_ITERATIONS,
         "optimizer": "L-BFGS (strong Wolfe), zero initialisation",
@@ -129,6 +132,7 @@ def compare_with_random_init(
     device: str | None = None,
     max_entries: int | None = None,
     bn_stats: Literal["checkpoint", "train"] = "checkpoint",
+    levels: Sequence[int] = LEVELS,
     say: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Probe the checkpoint's encoder and random initialisations of it; write and return ``OUT/results.json``.
@@ -145,11 +149,12 @@ def compare_with_random_init(
         max_entries: at most this many entries of each split (None: all).
         bn_stats: ``"checkpoint"``: every encoder's BatchNorm running statistics as they are;
             ``"train"``: both arms' recomputed on the probe's ``train`` images first.
+        levels: which of the encoder's five maps the head reads (level ``i`` at stride ``2**(i+1)``).
         say: receives progress lines.
 
     Raises:
         FileExistsError: ``out`` is a file or a non-empty directory.
-        EvaluationError: bad seeds, task or bn_stats (``"train"`` for an encoder without BatchNorm);
+        EvaluationError: bad seeds, task, levels or bn_stats (``"train"`` for an encoder without BatchNorm);
             a manifest without usable labels for the task (see
             :func:`volpre.evaluate.probe.data.load_probe_data`).
         ManifestError, VolumeError: the manifest or one of its volumes cannot be read.
@@ -166,6 +171,7 @@ def compare_with_random_init(
         raise EvaluationError(f"task: got {task!r}, expected one of segmentation, survival")
     if bn_stats not in BN_STATS:
         raise EvaluationError(f"bn_stats: got {bn_stats!r}, expected one of {', '.join(BN_STATS)}")
+    levels = check_levels(levels)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise EvaluationError("device: cuda was asked for, but torch sees no CUDA device")
@@ -177,7 +183,7 @@ def compare_with_random_init(
     seconds = {"load": time.perf_counter() - started}
     say(f"read {len(data.train)} train and {len(data.val)} val {modality} entries ({seconds['load']:.0f} s)")
     seed_list = list(range(seeds))
-    probe = build_probe(data, seed_list, run_device)
+    probe = build_probe(data, seed_list, run_device, levels)
 
     def prepared(encoder: nn.Module) -> nn.Module:
         encoder = encoder.to(run_device)
@@ -225,7 +231,7 @@ def compare_with_random_init(
             "num_classes": data.num_classes if task == "segmentation" else None,
             "covariates": list(data.covariates),
         },
-        "settings": _settings(task, bn_stats),
+        "settings": _settings(task, bn_stats, levels),
         "device": str(run_device),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "versions": installed_versions(),
@@ -253,7 +259,8 @@ def probe_table(results: dict[str, Any]) -> str:
     data = results["data"]
     lines = [
         f"{results['task']} probe of {results['checkpoint']['path']} (step {results['checkpoint']['step']}, "
-        f"{results['checkpoint']['weights']} weights, BatchNorm statistics: {results['settings']['bn_stats']}): "
+        f"{results['checkpoint']['weights']} weights, BatchNorm statistics: {results['settings']['bn_stats']}, "
+        f"levels {','.join(map(str, results['settings']['levels']))}): "
         f"{results['metric_label']}, fitted on {len(data['train'])} "
         f"train / scored on {len(data['val'])} val {data['modality']} entries, {len(results['seeds'])} seeds",
         "",

@@ -1,4 +1,4 @@
-"""Frozen encoder features: the five maps of a whole volume, read at voxel centres or pooled.
+"""Frozen encoder features: the five maps of a whole volume (or some of them), read at voxel centres or pooled.
 
 The encoder runs in eval mode (BatchNorm with its running statistics, no dropout or drop-path)
 under ``torch.no_grad``; :func:`frozen` restores every submodule's train/eval flag afterwards, so
@@ -27,6 +27,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from volpre.evaluate.errors import EvaluationError
+
+LEVELS = (0, 1, 2, 3, 4)
+"""The encoder's maps (see :mod:`volpre.models.contract`): level ``i`` at stride ``2**(i+1)``."""
+
+
+def check_levels(levels: Sequence[int]) -> tuple[int, ...]:
+    """``levels`` sorted, after checking that they are distinct levels of :data:`LEVELS`.
+
+    Raises:
+        EvaluationError: empty, repeated or unknown levels.
+    """
+    chosen = tuple(levels)
+    if not chosen or len(set(chosen)) != len(chosen) or not set(chosen) <= set(LEVELS) or any(
+            isinstance(level, bool) for level in chosen):
+        raise EvaluationError(f"levels: got {list(chosen)}, expected distinct levels among "
+                              f"{', '.join(map(str, LEVELS))} (level i is the encoder's map at stride 2^(i+1))")
+    return tuple(sorted(chosen))
 
 
 @contextlib.contextmanager
@@ -91,20 +108,22 @@ def recompute_batchnorm_statistics(encoder: nn.Module, images: Sequence[torch.Te
     return len(layers)
 
 
-def encoder_features(encoder: nn.Module, image: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
-    """The encoder's five maps of one volume.
+def encoder_features(encoder: nn.Module, image: torch.Tensor, device: torch.device,
+                     levels: Sequence[int] = LEVELS) -> list[torch.Tensor]:
+    """The encoder's maps of ``levels`` for one volume.
 
     Args:
         encoder: a volpre encoder (see :mod:`volpre.models.contract`), already in eval mode
             (use :func:`frozen`).
         image: ``(C, X, Y, Z)`` float, X/Y/Z multiples of 32 (a :class:`ProbeVolume` image).
         device: where to run the encoder (its parameters' device).
+        levels: which of the five maps, in this order (see :func:`check_levels`).
 
     Returns:
-        Five float32 tensors ``(C_i, X/2**(i+1), Y/2**(i+1), Z/2**(i+1))`` on ``device``.
+        One float32 tensor ``(C_i, X/2**(i+1), Y/2**(i+1), Z/2**(i+1))`` on ``device`` per level ``i``.
     """
     maps = encoder(image[None].to(device, non_blocking=True))
-    return [m[0].float() for m in maps]
+    return [maps[i][0].float() for i in levels]
 
 
 def features_at(maps: Sequence[torch.Tensor], points: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:

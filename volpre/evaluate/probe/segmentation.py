@@ -1,7 +1,7 @@
 """Segmentation probe: a linear 1x1x1 head on the encoder's five frozen maps, upsampled; Dice on ``val``.
 
-The head is one 1x1x1 convolution over the concatenation of all five maps, each trilinearly
-upsampled to the input grid (:mod:`volpre.evaluate.probe.features`), into ``K`` class logits. It
+The head is one 1x1x1 convolution over the concatenation of all five maps (or of the chosen
+``levels``), each trilinearly upsampled to the input grid (:mod:`volpre.evaluate.probe.features`), into ``K`` class logits. It
 is fitted on the ``train`` volumes and scored on the ``val`` volumes:
 
 - **Fit.** Per training volume and seed, a class-stratified sample of voxels (up to
@@ -31,7 +31,7 @@ from monai.metrics import compute_dice
 from torch import nn
 
 from volpre.evaluate.probe.data import ProbeData
-from volpre.evaluate.probe.features import encoder_features, features_at, frozen
+from volpre.evaluate.probe.features import LEVELS, check_levels, encoder_features, features_at, frozen
 
 VOXELS_PER_CLASS = 256
 """Voxels sampled per class and training volume (all of a class that has fewer)."""
@@ -142,7 +142,7 @@ def predict_volume(head: LinearHead, maps: Sequence[torch.Tensor], grid_shape: S
     """The head's class of every voxel of one volume.
 
     Args:
-        maps: the volume's five maps ``(C_i, X_i, Y_i, Z_i)``; grid_shape: the padded input's ``(X', Y', Z')``;
+        maps: the volume's maps ``(C_i, X_i, Y_i, Z_i)`` the head was fitted on; grid_shape: the padded input's ``(X', Y', Z')``;
             shape: the unpadded ``(X, Y, Z)``.
 
     Returns:
@@ -192,10 +192,12 @@ class SegmentationProbe:
     metric = "dice"
     """Name of the headline score: mean foreground Dice on ``val``."""
 
-    def __init__(self, data: ProbeData, seeds: Sequence[int], device: torch.device) -> None:
+    def __init__(self, data: ProbeData, seeds: Sequence[int], device: torch.device,
+                 levels: Sequence[int] = LEVELS) -> None:
         if data.task != "segmentation":
             raise ValueError(f"SegmentationProbe needs segmentation data, got {data.task!r}")
         self.data, self.seeds, self.device = data, tuple(seeds), device
+        self.levels = check_levels(levels)
         self.samples: dict[int, list[VoxelSample]] = {}
         for seed in self.seeds:
             generator = torch.Generator().manual_seed(int(seed) * 0x10000 + _SAMPLE_TAG)
@@ -221,7 +223,7 @@ class SegmentationProbe:
         gathered: dict[int, list[torch.Tensor]] = {seed: [] for seed in seeds}
         with frozen(encoder):
             for index, volume in enumerate(self.data.train):
-                maps = encoder_features(encoder, volume.image, self.device)
+                maps = encoder_features(encoder, volume.image, self.device, self.levels)
                 for seed in seeds:
                     gathered[seed].append(features_at(maps, self.samples[seed][index].points, volume.image.shape[1:]))
                 del maps
@@ -236,7 +238,7 @@ class SegmentationProbe:
                 )
             predictions: dict[int, list[torch.Tensor]] = {seed: [] for seed in seeds}
             for volume in self.data.val:
-                maps = encoder_features(encoder, volume.image, self.device)
+                maps = encoder_features(encoder, volume.image, self.device, self.levels)
                 for seed in seeds:
                     predictions[seed].append(predict_volume(heads[seed], maps, volume.image.shape[1:], volume.shape))
                 del maps

@@ -1,6 +1,6 @@
 """Survival probe: pooled frozen features (plus covariates) -> an L2-penalised Cox model; Harrell's C on ``val``.
 
-Each volume's five maps are averaged over the part that covers the unpadded volume and
+Each volume's five maps (or the chosen ``levels``) are averaged over the part that covers the unpadded volume and
 concatenated (:func:`volpre.evaluate.probe.features.pooled_features`, ``D`` numbers). With the
 covariates every entry carries (if any), they are standardised with the ``train`` entries' mean
 and sd, and each block (image features, covariates) is divided by the square root of its width,
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from volpre.evaluate.probe.data import ProbeData, ProbeVolume
-from volpre.evaluate.probe.features import encoder_features, frozen, pooled_features
+from volpre.evaluate.probe.features import LEVELS, check_levels, encoder_features, frozen, pooled_features
 from volpre.survival import concordance_index, cox_ph_loss
 
 COX_L2_PENALTY = 1.0
@@ -74,10 +74,12 @@ class SurvivalProbe:
     metric = "cindex"
     """Name of the headline score: Harrell's C-index on ``val``."""
 
-    def __init__(self, data: ProbeData, seeds: Sequence[int], device: torch.device) -> None:
+    def __init__(self, data: ProbeData, seeds: Sequence[int], device: torch.device,
+                 levels: Sequence[int] = LEVELS) -> None:
         if data.task != "survival":
             raise ValueError(f"SurvivalProbe needs survival data, got {data.task!r}")
         self.data, self.seeds, self.device = data, tuple(seeds), device
+        self.levels = check_levels(levels)
 
     def class_names(self) -> list[str]:
         """Survival has no per-class scores."""
@@ -103,7 +105,7 @@ class SurvivalProbe:
         with frozen(encoder):
             for split, volumes in (("train", self.data.train), ("val", self.data.val)):
                 pooled[split] = torch.stack([
-                    pooled_features(encoder_features(encoder, v.image, self.device), v.shape, v.image.shape[1:])
+                    pooled_features(encoder_features(encoder, v.image, self.device, self.levels), v.shape, v.image.shape[1:])
                     for v in volumes
                 ]).double()
         blocks = {"train": [pooled["train"]], "val": [pooled["val"]]}
