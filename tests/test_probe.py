@@ -140,7 +140,7 @@ def test_encoder_features_of_chosen_levels_are_those_maps():
     with torch.no_grad():
         every = encoder_features(encoder, image, torch.device("cpu"))
         chosen = encoder_features(encoder, image, torch.device("cpu"), (1, 3))
-    assert [m.shape[1:] for m in every] == [(32 // 2 ** (i + 1), 64 // 2 ** (i + 1), 32 // 2 ** (i + 1)) for i in range(5)]
+    assert [tuple(m.shape[1:]) for m in every] == [tuple(n >> (i + 1) for n in (32, 64, 32)) for i in range(5)]
     assert len(chosen) == 2 and torch.equal(chosen[0], every[1]) and torch.equal(chosen[1], every[3])
     assert check_levels([3, 1]) == (1, 3)
     for bad in ([], [1, 1], [5], [-1], [True]):

@@ -107,8 +107,8 @@ def _add_probe(esub) -> None:
                     description="""Extract frozen features of the labelled train and val entries (preprocessed with the
                     checkpoint's own preprocess config) with the checkpoint's encoder and with the same architecture at
                     random initialisation (seed s for seed s), fit a light head on train and score it on val.
-                    Segmentation: a linear 1x1x1 head on all five feature maps (or --levels), upsampled; mean foreground Dice and
-                    Dice per class (MONAI compute_dice). Survival: an L2-penalised Cox model on pooled features (plus
+                    Segmentation: a linear 1x1x1 head on all five feature maps (or --levels), upsampled; mean
+                    foreground Dice and Dice per class (MONAI compute_dice). Survival: an L2-penalised Cox model on pooled features (plus
                     covariates); Harrell's C-index. Writes OUT/results.json and prints mean ± sd over seeds per
                     arm.""")
     _add_pretrained_option(q)

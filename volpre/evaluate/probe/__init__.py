@@ -7,7 +7,8 @@
   (the ``probe`` config section; ``volpre.engine.trainer`` calls it).
 - :mod:`~volpre.evaluate.probe.data`: the labelled entries, preprocessed as the encoder saw them.
 - :mod:`~volpre.evaluate.probe.features`: frozen multi-scale features (upsampled, or pooled).
-- :mod:`~volpre.evaluate.probe.segmentation`: linear 1x1x1 head on all five maps (or chosen levels), Dice (MONAI ``compute_dice``).
+- :mod:`~volpre.evaluate.probe.segmentation`: linear 1x1x1 head on all five maps (or chosen levels), Dice
+  (MONAI ``compute_dice``).
 - :mod:`~volpre.evaluate.probe.survival`: L2-penalised Cox model on pooled features, Harrell's C-index.
 """
 

@@ -114,7 +114,8 @@ def _settings(task: str, bn_stats: str, levels: Sequence[int]) -> dict[str, Any]
     return {
         "bn_stats": bn_stats,
         "levels": list(levels),
-        "model": "linear Cox (Breslow) on the pooled frozen maps of these levels (+ covariates), standardised, blocks scaled 1/sqrt(width)",
+        "model": "linear Cox (Breslow) on the pooled frozen maps of these levels (+ covariates), standardised, "
+                 "blocks scaled 1/sqrt(width)",
         "l2_penalty": survival.COX_L2_PENALTY,
         "max_iterations": survival.MAX_ITERATIONS,
         "optimizer": "L-BFGS (strong Wolfe), zero initialisation",

@@ -68,8 +68,9 @@ def recompute_batchnorm_statistics(encoder: nn.Module, images: Sequence[torch.Te
     ``momentum=None`` PyTorch keeps the cumulative average, so afterwards ``running_mean`` is the mean
     over the volumes of each channel's mean over the volume's voxels, and ``running_var`` the mean of
     the volumes' unbiased variances (in train mode each layer normalises with the volume's own
-    statistics, so a deeper layer's statistics are those of inputs normalised that way). Weights, biases and every layer's train/eval flag
-    and momentum are as before; ``num_batches_tracked`` counts the volumes.
+    statistics, so a deeper layer's statistics are those of inputs normalised that way). Weights,
+    biases and every layer's train/eval flag and momentum are as before; ``num_batches_tracked``
+    counts the volumes.
 
     Args:
         encoder: a volpre encoder on ``device``.

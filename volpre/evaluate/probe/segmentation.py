@@ -1,8 +1,8 @@
 """Segmentation probe: a linear 1x1x1 head on the encoder's five frozen maps, upsampled; Dice on ``val``.
 
 The head is one 1x1x1 convolution over the concatenation of all five maps (or of the chosen
-``levels``), each trilinearly upsampled to the input grid (:mod:`volpre.evaluate.probe.features`), into ``K`` class logits. It
-is fitted on the ``train`` volumes and scored on the ``val`` volumes:
+``levels``), each trilinearly upsampled to the input grid (:mod:`volpre.evaluate.probe.features`),
+into ``K`` class logits. It is fitted on the ``train`` volumes and scored on the ``val`` volumes:
 
 - **Fit.** Per training volume and seed, a class-stratified sample of voxels (up to
   :data:`VOXELS_PER_CLASS` of each class present, drawn without replacement from the probe's own
@@ -142,7 +142,8 @@ def predict_volume(head: LinearHead, maps: Sequence[torch.Tensor], grid_shape: S
     """The head's class of every voxel of one volume.
 
     Args:
-        maps: the volume's maps ``(C_i, X_i, Y_i, Z_i)`` the head was fitted on; grid_shape: the padded input's ``(X', Y', Z')``;
+        maps: the volume's maps ``(C_i, X_i, Y_i, Z_i)`` the head was fitted on;
+            grid_shape: the padded input's ``(X', Y', Z')``;
             shape: the unpadded ``(X, Y, Z)``.
 
     Returns:

@@ -1,10 +1,11 @@
 """Survival probe: pooled frozen features (plus covariates) -> an L2-penalised Cox model; Harrell's C on ``val``.
 
-Each volume's five maps (or the chosen ``levels``) are averaged over the part that covers the unpadded volume and
-concatenated (:func:`volpre.evaluate.probe.features.pooled_features`, ``D`` numbers). With the
-covariates every entry carries (if any), they are standardised with the ``train`` entries' mean
-and sd, and each block (image features, covariates) is divided by the square root of its width,
-so that both blocks weigh alike and a row's squared norm is about 1 per block whatever ``D`` is.
+Each volume's five maps (or the chosen ``levels``) are averaged over the part that covers the
+unpadded volume and concatenated (:func:`volpre.evaluate.probe.features.pooled_features`, ``D``
+numbers). With the covariates every entry carries (if any), they are standardised with the
+``train`` entries' mean and sd, and each block (image features, covariates) is divided by the
+square root of its width, so that both blocks weigh alike and a row's squared norm is about 1 per
+block whatever ``D`` is.
 A linear Cox model ``risk = x . beta`` minimises the negative partial log-likelihood
 (:func:`volpre.survival.cox_ph_loss`, Breslow ties, averaged over events) plus
 ``COX_L2_PENALTY / 2 * ||beta||^2`` by L-BFGS from zero (convex: one optimum). The ``val`` entries'
@@ -105,7 +106,8 @@ class SurvivalProbe:
         with frozen(encoder):
             for split, volumes in (("train", self.data.train), ("val", self.data.val)):
                 pooled[split] = torch.stack([
-                    pooled_features(encoder_features(encoder, v.image, self.device, self.levels), v.shape, v.image.shape[1:])
+                    pooled_features(encoder_features(encoder, v.image, self.device, self.levels), v.shape,
+                                    v.image.shape[1:])
                     for v in volumes
                 ]).double()
         blocks = {"train": [pooled["train"]], "val": [pooled["val"]]}
